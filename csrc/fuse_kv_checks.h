@@ -1,0 +1,28 @@
+// Argument checks for torch.ops.lococo.fuse_kv, shared by every backend's launcher.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+namespace lococo {
+
+// Sizes of one call, read off validated arguments.
+struct FuseKvShape {
+  int64_t batch, heads, mem_len, new_len, d, num_fused, kernel, num_heavy, num_local;
+  int64_t length() const { return mem_len + new_len; }
+  int64_t slots() const { return num_heavy + num_fused; }
+};
+
+// Throws a c10::Error naming the offending argument and what was expected.
+FuseKvShape check_fuse_kv_args(const at::Tensor& mem_k, const at::Tensor& mem_v,
+                               const at::Tensor& new_k, const at::Tensor& new_v,
+                               const at::Tensor& scores, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, const at::Tensor& alpha,
+                               int64_t num_heavy, int64_t num_local,
+                               const std::optional<at::Tensor>& valid_len);
+
+// The gradients of the two outputs must have the shape of the outputs.
+void check_fuse_kv_grads(const at::Tensor& grad_k, const at::Tensor& grad_v,
+                         const FuseKvShape& shape, const at::Tensor& mem_k);
+
+}  // namespace lococo

@@ -1,0 +1,43 @@
+// The schemas of every lococo op, in one place, and the Python module lococo._C.
+// Backends register their kernels from their own files (cpu/, cuda/).
+#include <Python.h>
+#include <torch/library.h>
+#include <pybind11/pybind11.h>
+
+#ifndef LOCOCO_CUDA_ARCHS
+#define LOCOCO_CUDA_ARCHS ""
+#endif
+
+TORCH_LIBRARY(lococo, m) {
+  m.def(
+      "fuse_kv(Tensor mem_k, Tensor mem_v, Tensor new_k, Tensor new_v, Tensor scores, "
+      "Tensor weight, Tensor? bias, Tensor alpha, int num_heavy, int num_local=0, "
+      "Tensor? valid_len=None) -> (Tensor, Tensor)");
+  m.def(
+      "fuse_kv_backward(Tensor grad_k, Tensor grad_v, Tensor mem_k, Tensor mem_v, Tensor new_k, "
+      "Tensor new_v, Tensor scores, Tensor weight, Tensor? bias, Tensor alpha, int num_heavy, "
+      "int num_local, Tensor? valid_len) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor)");
+}
+
+PYBIND11_MODULE(_C, module) {
+  module.doc() = "lococo compiled kernels; the ops live in torch.ops.lococo";
+  module.def("built_with_cuda", [] {
+#ifdef LOCOCO_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether the CUDA kernels were compiled into this build.");
+  module.def("cuda_archs", [] { return std::string(LOCOCO_CUDA_ARCHS); },
+             "The CUDA architectures this build was compiled for (empty without CUDA).");
+  module.def("compiler", [] {
+#if defined(__clang__)
+    return std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+    return std::string("gcc ") + __VERSION__;
+#else
+    return std::string("unknown");
+#endif
+  }, "The host compiler of this build.");
+}
