@@ -2,6 +2,7 @@
 
 from . import reference
 from ._library import compiled, has_kernel, kernel_devices
+from .compressor import LayerCompressor
 from .ops import fuse_kv
 
 try:
@@ -9,4 +10,4 @@ try:
 except ImportError:  # a source tree that was never built
     __version__ = "0.0.0+unbuilt"
 
-__all__ = ["__version__", "compiled", "fuse_kv", "has_kernel", "kernel_devices", "reference"]
+__all__ = ["LayerCompressor", "__version__", "compiled", "fuse_kv", "has_kernel", "kernel_devices", "reference"]
