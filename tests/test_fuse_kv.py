@@ -149,3 +149,18 @@ def test_pad_entries_are_never_read(device, seed):
     poisoned[4][..., :6] = 1e9
     for clean, dirty in zip(op(*args), op(*poisoned)):
         assert torch.equal(clean, dirty)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_cpu_dft_convolution_matches_reference(case, dtype, seed, monkeypatch):
+    """The CPU kernel's DFT-domain convolution (chosen automatically for large layers)."""
+    monkeypatch.setenv("LOCOCO_CPU_CONV", "dft")
+    args = make_args(case, "cpu", dtype, seed)
+    assert_close_to_reference(op(*args), args, f"dft {case} seed={seed}")
+
+
+def test_cpu_conv_algorithm_setting_is_validated(monkeypatch, seed):
+    monkeypatch.setenv("LOCOCO_CPU_CONV", "fast")
+    with pytest.raises(RuntimeError, match="LOCOCO_CPU_CONV must be auto, direct or dft"):
+        op(*make_args(CASES[0], "cpu", torch.float32, seed))
