@@ -10,7 +10,10 @@
 #pragma once
 
 #include <cmath>
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <memory>
 #include <vector>
 
 namespace lococo::cpu {
@@ -41,81 +44,92 @@ inline double twiddle(int64_t a, int64_t b, int64_t F) {
   return 2.0 * M_PI * static_cast<double>(r) / static_cast<double>(F);
 }
 
+// Uninitialised scratch (std::vector would zero it first, a full extra pass over memory).
+template <typename Acc>
+using Scratch = std::unique_ptr<Acc[]>;
+
 // xs[r]: x of row r, [n[r], ch] row-major; w_taps: [k, C * ch] (tap-major weight);
 // zs[r]: output Z^T of row r, [n[r], C]. Gemm: row-major C = op(A) op(B) + beta C.
 // ParallelFor: (begin, end, fn(b, e)) over independent index ranges.
+// Spectra interleave real and imaginary parts: row 2f is the real part of bin f, 2f + 1 the
+// imaginary part.
 template <typename Acc, typename Gemm, typename ParallelFor>
 void conv_dft(const DftPlan& p, const std::vector<const Acc*>& xs, const std::vector<int64_t>& n,
               const Acc* w_taps, int64_t C, int64_t ch, const std::vector<Acc*>& zs,
               Gemm& gemm, ParallelFor parallel_for) {
   const int64_t R = static_cast<int64_t>(xs.size()), F = p.length, B = p.bins, N = p.n_max;
-  // Transform matrices: forward [2B, N] (cos; -sin), weight [2B, k] (cos; sin of the centred
-  // tap offset), inverse [N, 2B] (Hermitian weights 1 or 2, and 1 / F).
-  std::vector<Acc> fwd(2 * B * N), wtf(2 * B * p.taps), inv(N * 2 * B);
+  const int64_t K = p.taps;
+  // Transform matrices: forward [2B, N] (cos, -sin), weight [2B, k] (cos, sin of the centred
+  // tap offset), inverse [N, 2B] (Hermitian weight 1 or 2, times 1 / F).
+  Scratch<Acc> fwd(new Acc[2 * B * N]), wtf(new Acc[2 * B * K]), inv(new Acc[N * 2 * B]);
   for (int64_t f = 0; f < B; ++f) {
     const double herm = (f == 0 || 2 * f == F) ? 1.0 : 2.0;
     for (int64_t j = 0; j < N; ++j) {
-      const double a = twiddle(f, j, F);
-      fwd[f * N + j] = static_cast<Acc>(std::cos(a));
-      fwd[(B + f) * N + j] = static_cast<Acc>(-std::sin(a));
-      inv[j * 2 * B + f] = static_cast<Acc>(herm * std::cos(a) / F);
-      inv[j * 2 * B + B + f] = static_cast<Acc>(-herm * std::sin(a) / F);
+      const double a = twiddle(f, j, F), c = std::cos(a), s = std::sin(a);
+      fwd[2 * f * N + j] = static_cast<Acc>(c);
+      fwd[(2 * f + 1) * N + j] = static_cast<Acc>(-s);
+      inv[j * 2 * B + 2 * f] = static_cast<Acc>(herm * c / F);
+      inv[j * 2 * B + 2 * f + 1] = static_cast<Acc>(-herm * s / F);
     }
-    for (int64_t t = 0; t < p.taps; ++t) {
+    for (int64_t t = 0; t < K; ++t) {
       const double a = twiddle(f, t - p.pad, F);
-      wtf[f * p.taps + t] = static_cast<Acc>(std::cos(a));
-      wtf[(B + f) * p.taps + t] = static_cast<Acc>(std::sin(a));
+      wtf[2 * f * K + t] = static_cast<Acc>(std::cos(a));
+      wtf[(2 * f + 1) * K + t] = static_cast<Acc>(std::sin(a));
     }
   }
-  // Weight spectrum [2B, C * ch]: rows f (real part) and B + f (imaginary part) are [C, ch].
-  std::vector<Acc> w_hat(2 * B * C * ch);
-  gemm(false, false, 2 * B, C * ch, p.taps, wtf.data(), p.taps, w_taps, C * ch, Acc(0),
-       w_hat.data(), C * ch);
 
-  // Row spectra, laid out per frequency for the products: re_im[f] = [xr | xi], im_re[f] = [-xi | xr],
-  // each [ch, 2R] with row r in columns r and R + r.
-  std::vector<Acc> re_im(B * ch * 2 * R), im_re(B * ch * 2 * R);
+  // Row spectra by frequency: x_all[f] = [xr ; xi] and x_neg[f] = [-xi ; xr], each [2R, ch]
+  // (row r of the batch at r, its imaginary or negated part at R + r).
+  const int64_t per_bin = 2 * R * ch;
+  Scratch<Acc> x_all(new Acc[B * per_bin]), x_neg(new Acc[B * per_bin]);
   parallel_for(0, R, [&](int64_t begin, int64_t end) {
-    std::vector<Acc> x_hat(2 * B * ch);
+    Scratch<Acc> x_hat(new Acc[2 * B * ch]);
     for (int64_t r = begin; r < end; ++r) {
-      gemm(false, false, 2 * B, ch, n[r], fwd.data(), N, xs[r], ch, Acc(0), x_hat.data(), ch);
+      gemm(false, false, 2 * B, ch, n[r], fwd.get(), N, xs[r], ch, Acc(0), x_hat.get(), ch);
       for (int64_t f = 0; f < B; ++f) {
+        const Acc* re = &x_hat[2 * f * ch];
+        const Acc* im = &x_hat[(2 * f + 1) * ch];
+        Acc* all = &x_all[f * per_bin];
+        Acc* neg = &x_neg[f * per_bin];
         for (int64_t c = 0; c < ch; ++c) {
-          const Acc xr = x_hat[f * ch + c], xi = x_hat[(B + f) * ch + c];
-          const int64_t at = (f * ch + c) * 2 * R;
-          re_im[at + r] = xr;
-          re_im[at + R + r] = xi;
-          im_re[at + r] = -xi;
-          im_re[at + R + r] = xr;
+          all[r * ch + c] = re[c];
+          all[(R + r) * ch + c] = im[c];
+          neg[r * ch + c] = -im[c];
+          neg[(R + r) * ch + c] = re[c];
         }
       }
     }
   });
 
-  // Per frequency: [zr | zi] = Wr @ [xr | xi] + Wi @ [-xi | xr], [C, 2R].
-  std::vector<Acc> z_hat(B * C * 2 * R);
-  parallel_for(0, B, [&](int64_t begin, int64_t end) {
-    for (int64_t f = begin; f < end; ++f) {
-      Acc* out = &z_hat[f * C * 2 * R];
-      gemm(false, false, C, 2 * R, ch, &w_hat[f * C * ch], ch, &re_im[f * ch * 2 * R], 2 * R,
-           Acc(0), out, 2 * R);
-      gemm(false, false, C, 2 * R, ch, &w_hat[(B + f) * C * ch], ch, &im_re[f * ch * 2 * R], 2 * R,
-           Acc(1), out, 2 * R);
+  // Per block of bins: the weight spectrum of the block ([2 fb, C * ch], row 2f = Wr [C, ch],
+  // 2f + 1 = Wi), then per bin Z^T[f] = [zr ; zi] = x_all[f] @ Wr^T + x_neg[f] @ Wi^T, [2R, C].
+  constexpr int64_t kBlock = 8;
+  Scratch<Acc> z_hat(new Acc[B * 2 * R * C]);
+  parallel_for(0, (B + kBlock - 1) / kBlock, [&](int64_t begin, int64_t end) {
+    Scratch<Acc> w_hat(new Acc[2 * kBlock * C * ch]);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t f0 = blk * kBlock, f1 = std::min(B, f0 + kBlock);
+      gemm(false, false, 2 * (f1 - f0), C * ch, K, &wtf[2 * f0 * K], K, w_taps, C * ch, Acc(0),
+           w_hat.get(), C * ch);
+      for (int64_t f = f0; f < f1; ++f) {
+        const Acc* wr = &w_hat[2 * (f - f0) * C * ch];
+        const Acc* wi = wr + C * ch;
+        Acc* out = &z_hat[f * 2 * R * C];
+        gemm(false, true, 2 * R, C, ch, &x_all[f * per_bin], ch, wr, ch, Acc(0), out, C);
+        gemm(false, true, 2 * R, C, ch, &x_neg[f * per_bin], ch, wi, ch, Acc(1), out, C);
+      }
     }
   });
 
-  // Inverse per row: Z^T [n, C] = inv[:n] @ [zr ; zi] where [zr ; zi] is [2B, C].
+  // Inverse per row: Z^T [n, C] = inv[:n] @ spectrum, spectrum [2B, C] gathered from z_hat.
   parallel_for(0, R, [&](int64_t begin, int64_t end) {
-    std::vector<Acc> spectrum(2 * B * C);
+    Scratch<Acc> spectrum(new Acc[2 * B * C]);
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t f = 0; f < B; ++f) {
-        const Acc* zf = &z_hat[f * C * 2 * R];
-        for (int64_t c = 0; c < C; ++c) {
-          spectrum[f * C + c] = zf[c * 2 * R + r];
-          spectrum[(B + f) * C + c] = zf[c * 2 * R + R + r];
-        }
+        std::memcpy(&spectrum[2 * f * C], &z_hat[(f * 2 * R + r) * C], C * sizeof(Acc));
+        std::memcpy(&spectrum[(2 * f + 1) * C], &z_hat[(f * 2 * R + R + r) * C], C * sizeof(Acc));
       }
-      gemm(false, false, n[r], C, 2 * B, inv.data(), 2 * B, spectrum.data(), C, Acc(0), zs[r], C);
+      gemm(false, false, n[r], C, 2 * B, inv.get(), 2 * B, spectrum.get(), C, Acc(0), zs[r], C);
     }
   });
 }
