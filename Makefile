@@ -1,7 +1,7 @@
 # The two commands of a fresh machine: `make demo` (the main job) and `make test`.
 PY := .venv/bin/python
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench wheels clean
 
 setup:
 	bash scripts/setup.sh
@@ -14,6 +14,9 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/bench_fuse_kv.py
+
+wheels:
+	bash scripts/build_wheels.sh
 
 clean:
 	rm -rf build python/lococo/_C*.so python/lococo/_version.py

