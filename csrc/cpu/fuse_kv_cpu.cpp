@@ -78,6 +78,34 @@ bool use_dft(const std::vector<int64_t>& lengths, const cpu::Dims& dm) {
   return 2 * cpu::dft_flops(plan, lengths, dm.num_fused, dm.channels()) < direct;
 }
 
+// The direct convolution of many rows as few large GEMMs: rows are stacked into one im2col
+// matrix (at most ~64 MiB at a time), so BLAS threads share the work however few rows there are.
+template <typename Acc>
+void conv_direct_stacked(const std::vector<int64_t>& todo, const std::vector<int64_t>& lengths,
+                         const Acc* wt, const cpu::Dims& dm, std::vector<cpu::Workspace<Acc>>& ws,
+                         AtenGemm<Acc>& gemm) {
+  const int64_t width = dm.kernel * dm.channels(), C = dm.num_fused;
+  const int64_t budget = std::max<int64_t>(1, (int64_t{64} << 20) / (sizeof(Acc) * width));
+  const int64_t count = static_cast<int64_t>(todo.size());
+  for (int64_t first = 0; first < count;) {
+    std::vector<int64_t> offset{0};
+    int64_t last = first;
+    while (last < count && (last == first || offset.back() + lengths[last] <= budget)) {
+      offset.push_back(offset.back() + lengths[last++]);
+    }
+    const int64_t total = offset.back();
+    std::vector<Acc> cols(total * width), z(total * C);
+    at::parallel_for(first, last, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) cpu::im2col(ws[todo[i]], dm, &cols[offset[i - first] * width]);
+    });
+    gemm(false, false, total, C, width, cols.data(), width, wt, C, Acc(0), z.data(), C);
+    for (int64_t i = first; i < last; ++i) {
+      ws[todo[i]].probs.assign(z.begin() + offset[i - first] * C, z.begin() + offset[i - first + 1] * C);
+    }
+    first = last;
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> fuse_kv_cpu(
     const at::Tensor& mem_k, const at::Tensor& mem_v, const at::Tensor& new_k,
     const at::Tensor& new_v, const at::Tensor& scores, const at::Tensor& weight,
@@ -135,9 +163,7 @@ std::tuple<at::Tensor, at::Tensor> fuse_kv_cpu(
       cpu::conv_dft(plan, xs, lengths, w_taps.data_ptr<Acc>(), dm.num_fused, dm.channels(), zs, gemm,
                     [](int64_t b, int64_t e, const auto& fn) { at::parallel_for(b, e, 1, fn); });
     } else {
-      at::parallel_for(0, static_cast<int64_t>(todo.size()), 1, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) cpu::conv_direct(wt, dm, ws[todo[i]], gemm);
-      });
+      conv_direct_stacked(todo, lengths, wt, dm, ws, gemm);
     }
     at::parallel_for(0, static_cast<int64_t>(todo.size()), 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {

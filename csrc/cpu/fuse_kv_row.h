@@ -127,22 +127,33 @@ void gather_rest(const RowCache<T>& keys, const RowCache<T>& values, const Dims&
   }
 }
 
-// Step 5a, direct: Z^T [N, C] = im2col(x) [N, k * 2d] @ wt [k * 2d, C], into ws.probs.
-template <typename Acc, typename Gemm>
-void conv_direct(const Acc* wt, const Dims& dm, Workspace<Acc>& ws, Gemm& gemm) {
-  const int64_t N = static_cast<int64_t>(ws.sel.rest.size()), C = dm.num_fused;
+// im2col of x with "same" zero padding: cols [N, k * 2d], row i = x[i - pad .. i + pad].
+template <typename Acc>
+void im2col(const Workspace<Acc>& ws, const Dims& dm, Acc* cols) {
+  const int64_t N = static_cast<int64_t>(ws.sel.rest.size());
   const int64_t ch = dm.channels(), taps = dm.kernel, pad = dm.pad();
-  std::vector<Acc> cols(N * taps * ch, Acc(0));  // transient: k times the size of x
   for (int64_t i = 0; i < N; ++i) {
     for (int64_t t = 0; t < taps; ++t) {
       const int64_t src = i + t - pad;
+      Acc* to = &cols[(i * taps + t) * ch];
       if (src >= 0 && src < N) {
-        std::memcpy(&cols[(i * taps + t) * ch], &ws.x[src * ch], ch * sizeof(Acc));
+        std::memcpy(to, &ws.x[src * ch], ch * sizeof(Acc));
+      } else {
+        std::memset(to, 0, ch * sizeof(Acc));
       }
     }
   }
+}
+
+// Step 5a, direct, one row: Z^T [N, C] = im2col(x) [N, k * 2d] @ wt [k * 2d, C], into ws.probs.
+template <typename Acc, typename Gemm>
+void conv_direct(const Acc* wt, const Dims& dm, Workspace<Acc>& ws, Gemm& gemm) {
+  const int64_t N = static_cast<int64_t>(ws.sel.rest.size()), C = dm.num_fused;
+  const int64_t width = dm.kernel * dm.channels();
+  std::vector<Acc> cols(N * width);  // transient: k times the size of x
+  im2col(ws, dm, cols.data());
   ws.probs.resize(N * C);
-  gemm(false, false, N, C, taps * ch, cols.data(), taps * ch, wt, C, Acc(0), ws.probs.data(), C);
+  gemm(false, false, N, C, width, cols.data(), width, wt, C, Acc(0), ws.probs.data(), C);
 }
 
 // Step 5b: bias, ReLU and the softmax over positions of each slot (a column of Z^T), in place.
