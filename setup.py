@@ -98,7 +98,7 @@ setup(
     version=VERSION,
     package_dir={"": "python"},
     packages=find_packages("python"),
-    package_data={"lococo": ["py.typed", "assets/**/*"]},
+    package_data={"lococo": ["py.typed", "data/*.json", "pretrained/*/*"]},
     ext_modules=[Extension("lococo._C", sources, **extension_kwargs)],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     install_requires=[f"torch=={torch.__version__.split('+')[0].rsplit('.', 1)[0]}.*"],
