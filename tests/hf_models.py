@@ -37,6 +37,7 @@ def tiny_model(arch: str = "llama", attn: str = "sdpa", seed: int = 0, **overrid
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), attn_implementation=attn)
     model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None   # fixed-length generations
     return model.eval()
 
 

@@ -51,10 +51,11 @@ def _allowed_keys(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, 
         i = torch.arange(q_len, device=device).unsqueeze(-1)
         j = torch.arange(kv_len, device=device)
         return (j <= i + (kv_len - q_len)).view(1, 1, q_len, kv_len)
-    mask = attention_mask[..., :kv_len]
-    if mask.dtype == torch.bool:
-        return mask
-    return mask > torch.finfo(mask.dtype).min / 2  # additive masks: 0 where allowed, the dtype's min elsewhere
+    if attention_mask.shape[-1] != kv_len:
+        raise ValueError(f"the attention mask covers {attention_mask.shape[-1]} keys but there are {kv_len}")
+    if attention_mask.dtype == torch.bool:
+        return attention_mask
+    return attention_mask > torch.finfo(attention_mask.dtype).min / 2  # additive masks: 0 where allowed, the dtype's min elsewhere
 
 
 def attention_scores(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -122,7 +123,7 @@ def lococo_eager_attention(module, query, key, value, attention_mask, dropout: f
     value_states = repeat_kv(value, groups)
     logits = torch.matmul(query, key_states.transpose(2, 3)) * scaling
     if attention_mask is not None:
-        logits = logits + attention_mask[..., :kv_len]
+        logits = logits + attention_mask
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
 
     def scores_from_probs():
