@@ -26,7 +26,7 @@ def tiny_config(arch: str = "llama", **overrides):
     elif arch == "qwen3":
         config = transformers.Qwen3Config(head_dim=16, **fields)
     elif arch == "mistral":
-        config = transformers.MistralConfig(sliding_window=None, **fields)
+        config = transformers.MistralConfig(**{"sliding_window": None, **fields})
     else:
         raise ValueError(arch)
     return config
