@@ -76,21 +76,25 @@ def attention_scores(query: torch.Tensor, key: torch.Tensor, attention_mask: tor
             allowed = allowed.unsqueeze(1)                                   # [b, 1, 1, q, kv]
         else:
             allowed = allowed.reshape(allowed.shape[0], kv_heads, groups, q_len, kv_len)
-    scores = torch.zeros(b, kv_heads, kv_len, dtype=torch.float32, device=query.device)
-    grouped_q = query.reshape(b, kv_heads, groups, q_len, d)
-    key_t = key.unsqueeze(2).transpose(-1, -2)                               # [b, kv_heads, 1, d, kv]
+    grouped_q = query.view(b, kv_heads, groups, q_len, d)
+    key_t = key.transpose(-1, -2)                                            # [b, kv_heads, d, kv]
     step = max(1, SCORE_BLOCK_ELEMENTS // max(1, b * num_heads * kv_len))
+    scores = None
     with torch.no_grad():
         for start in range(0, q_len, step):
             stop = min(q_len, start + step)
-            logits = torch.matmul(grouped_q[:, :, :, start:stop], key_t).float() * scaling
+            # one plain batched matmul per KV head: the group's queries are its rows
+            block_q = grouped_q[:, :, :, start:stop].reshape(b, kv_heads, groups * (stop - start), d)
+            logits = torch.matmul(block_q, key_t).float().mul_(scaling)
+            logits = logits.view(b, kv_heads, groups, stop - start, kv_len)
             if allowed is None:
                 probs = torch.softmax(logits, dim=-1)
             else:
                 block = allowed[..., start:stop, :]
-                probs = torch.softmax(logits.masked_fill(~block, float("-inf")), dim=-1)
-                probs = probs.masked_fill(~block.any(-1, keepdim=True), 0.0)  # fully masked queries
-            scores += probs.sum(dim=(2, 3))
+                probs = torch.softmax(logits.masked_fill_(~block, float("-inf")), dim=-1)
+                probs = probs.masked_fill_(~block.any(-1, keepdim=True), 0.0)  # fully masked queries
+            part = probs.sum(dim=(2, 3))
+            scores = part if scores is None else scores.add_(part)
     return scores
 
 
