@@ -22,11 +22,15 @@ _HF_EXPORTS = {
     "FixedSlotCache": "cache", "LoCoCoCache": "cache",
     "H2OCache": "baselines", "StreamingLLMCache": "baselines", "build_cache": "baselines",
     "apply_lococo": "patching", "remove_lococo": "patching", "SUPPORTED_MODEL_TYPES": "patching",
+    "cache_kwarg": "patching", "get_output_cache": "patching",
     "chunked_nll": "chunked", "iter_chunks": "chunked",
 }
+_HF_MODULES = ("attention", "baselines", "cache", "chunked", "patching")
 
 
 def __getattr__(name):
+    if name in _HF_MODULES:
+        return importlib.import_module(f".{name}", __name__)
     if name in _HF_EXPORTS:
         value = getattr(importlib.import_module(f".{_HF_EXPORTS[name]}", __name__), name)
         globals()[name] = value

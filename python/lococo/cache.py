@@ -172,7 +172,7 @@ class FixedSlotCache(Cache):
         if not layers:
             raise ValueError("a fixed-slot cache needs at least one layer")
         super().__init__(layers=layers)
-        self._new_valid: torch.Tensor | None = None
+        self._new_valid: tuple[int, torch.Tensor] | None = None   # (tokens fed, valid ones per row)
 
     def set_input_padding(self, attention_mask: torch.Tensor | None, query_length: int) -> None:
         """Reads the new tokens' padding from the 2D attention mask of the coming forward.
@@ -182,13 +182,16 @@ class FixedSlotCache(Cache):
         if attention_mask is None or attention_mask.dim() != 2 or query_length == 0:
             self._new_valid = None
         else:
-            self._new_valid = (attention_mask[:, -query_length:] != 0).sum(-1).to(torch.long)
+            valid = (attention_mask[:, -query_length:] != 0).sum(-1).to(torch.long)
+            self._new_valid = (query_length, valid)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        new_valid = self._new_valid
-        if new_valid is not None and new_valid.shape[0] != key_states.shape[0]:
-            raise ValueError(f"the attention mask has {new_valid.shape[0]} rows but the keys have "
-                             f"{key_states.shape[0]}")
+        new_valid = None
+        if self._new_valid is not None and self._new_valid[0] == key_states.shape[-2]:
+            new_valid = self._new_valid[1]
+            if new_valid.shape[0] != key_states.shape[0]:
+                raise ValueError(f"the attention mask has {new_valid.shape[0]} rows but the keys have "
+                                 f"{key_states.shape[0]}")
         return self.layers[layer_idx].update(key_states, value_states, new_valid=new_valid)
 
     def detach_(self) -> None:

@@ -106,30 +106,41 @@ def _decoder(model, support: ModelSupport) -> nn.Module:
     return decoder
 
 
-def _query_length(args, kwargs) -> int | None:
-    ids = kwargs.get("input_ids", args[0] if args else None)
+# Positions of the decoder's forward arguments (input_ids, attention_mask, position_ids, cache, ...)
+_ARG_POSITION = {"input_ids": 0, "attention_mask": 1, "cache": 3}
+
+
+def _argument(args, kwargs, name: str, kwarg: str | None = None):
+    kwarg = kwarg or name
+    if kwarg in kwargs:
+        return kwargs[kwarg]
+    position = _ARG_POSITION[name]
+    return args[position] if len(args) > position else None
+
+
+def _query_length(args, kwargs) -> int:
+    ids = _argument(args, kwargs, "input_ids")
     if ids is not None:
         return ids.shape[-1]
     embeds = kwargs.get("inputs_embeds")
-    return None if embeds is None else embeds.shape[1]
+    return 0 if embeds is None else embeds.shape[1]
 
 
 def _before_forward(model, state: _PatchState, module, args, kwargs):
-    name = state.cache_kwarg
-    cache = kwargs.get(name)
-    if cache is None and len(args) <= 3 and state.compressor is not None:
+    cache = _argument(args, kwargs, "cache", state.cache_kwarg)
+    if cache is None and len(args) <= _ARG_POSITION["cache"] and state.compressor is not None:
         use_cache = kwargs.get("use_cache")
         use_cache = module.config.use_cache if use_cache is None else use_cache
         if use_cache and not (module.training and getattr(module, "gradient_checkpointing", False)):
             cache = LoCoCoCache(state.compressor)
-            kwargs[name] = cache
+            kwargs[state.cache_kwarg] = cache
     if isinstance(cache, FixedSlotCache):
-        cache.set_input_padding(kwargs.get("attention_mask"), _query_length(args, kwargs) or 0)
+        cache.set_input_padding(_argument(args, kwargs, "attention_mask"), _query_length(args, kwargs))
     return args, kwargs
 
 
 def _after_forward(state: _PatchState, module, args, kwargs, output):
-    cache = kwargs.get(state.cache_kwarg)
+    cache = _argument(args, kwargs, "cache", state.cache_kwarg)
     if isinstance(cache, FixedSlotCache):
         cache.set_input_padding(None, 0)
     return output
