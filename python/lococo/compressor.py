@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 from torch import nn
 
+from .config import LoCoCoConfig
 from .ops import fuse_kv
 
-__all__ = ["LayerCompressor"]
+__all__ = ["LayerCompressor", "LoCoCoCompressor", "ModelGeometry"]
+
+CONFIG_FILE = "lococo_config.json"
+WEIGHTS_FILE = "lococo_compressor.safetensors"
+FORMAT_VERSION = 1
 
 
 class LayerCompressor(nn.Module):
@@ -44,13 +54,170 @@ class LayerCompressor(nn.Module):
                 valid_len: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Compress [mem ; new] into num_heavy + C slots (see ``lococo.fuse_kv``).
 
-        The parameters are cast to the cache's dtype; gradients flow back to them in theirs.
+        The parameters are cast to the cache's device and dtype; gradients flow back to them in
+        theirs.
         """
-        dtype = mem_k.dtype
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return fuse_kv(mem_k, mem_v, new_k, new_v, scores, self.weight.to(dtype), bias,
-                       self.alpha.to(dtype), num_heavy, num_local, valid_len)
+        cast = {"device": mem_k.device, "dtype": mem_k.dtype}
+        bias = None if self.bias is None else self.bias.to(**cast)
+        return fuse_kv(mem_k, mem_v, new_k, new_v, scores, self.weight.to(**cast), bias,
+                       self.alpha.to(**cast), num_heavy, num_local, valid_len)
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, num_fused={self.num_fused}, "
                 f"kernel_size={self.kernel_size}, bias={self.bias is not None}")
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """What a compressor must agree on with the model it compresses."""
+
+    model_type: str
+    num_layers: int
+    head_dim: int
+    num_kv_heads: int
+
+    @classmethod
+    def of(cls, model_or_config) -> ModelGeometry:
+        """Reads the geometry of a transformers model or config (its decoder text config)."""
+        config = getattr(model_or_config, "config", model_or_config)
+        if hasattr(config, "get_text_config"):
+            config = config.get_text_config(decoder=True)
+        try:
+            num_heads = config.num_attention_heads
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+            num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+            return cls(str(getattr(config, "model_type", "")), int(config.num_hidden_layers),
+                       int(head_dim), int(num_kv_heads))
+        except AttributeError as exc:
+            raise TypeError(f"cannot read the attention geometry of {type(config).__name__}: {exc}") from exc
+
+    def differences(self, other: ModelGeometry) -> list[str]:
+        """The shape-relevant fields that differ, in words (model_type and KV heads excluded)."""
+        out = []
+        if self.num_layers != other.num_layers:
+            out.append(f"{self.num_layers} decoder layers vs {other.num_layers}")
+        if self.head_dim != other.head_dim:
+            out.append(f"head_dim {self.head_dim} vs {other.head_dim}")
+        return out
+
+
+class LoCoCoCompressor(nn.Module):
+    """One ``LayerCompressor`` per decoder layer of a model, with its ``LoCoCoConfig``.
+
+    Build it with ``LoCoCoCompressor.for_model(model, config)``; save and load it with
+    ``save_pretrained`` / ``from_pretrained`` (a folder with ``lococo_config.json`` and
+    ``lococo_compressor.safetensors``). The parameters stay in their own dtype (float32 by default,
+    for training) and are cast to the cache's dtype and device when compressing.
+    """
+
+    def __init__(self, config: LoCoCoConfig, geometry: ModelGeometry, device=None, dtype=None):
+        super().__init__()
+        if not isinstance(config, LoCoCoConfig):
+            raise TypeError(f"config must be a LoCoCoConfig, got {type(config).__name__}")
+        self.config = config
+        self.geometry = geometry
+        self.layers = nn.ModuleList(
+            LayerCompressor(geometry.head_dim, config.fused_slots, config.kernel_size, config.init_std,
+                            config.alpha_init, device=device, dtype=dtype)
+            for _ in range(geometry.num_layers))
+
+    @classmethod
+    def for_model(cls, model_or_config, config: LoCoCoConfig | None = None, device=None,
+                  dtype=torch.float32, **config_fields) -> LoCoCoCompressor:
+        """A freshly initialised compressor for this model (or config).
+
+        ``config_fields`` build the ``LoCoCoConfig`` when ``config`` is not given. The device
+        defaults to the model's.
+        """
+        if config is None:
+            config = LoCoCoConfig(**config_fields)
+        elif config_fields:
+            raise TypeError("give either a LoCoCoConfig or its fields, not both")
+        if device is None and isinstance(model_or_config, nn.Module):
+            device = next(model_or_config.parameters()).device
+        return cls(config, ModelGeometry.of(model_or_config), device=device, dtype=dtype)
+
+    def __getitem__(self, layer_idx: int) -> LayerCompressor:
+        return self.layers[layer_idx]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def needs_scores(self) -> bool:
+        """False only for pure convolution (no heavy hitters and alpha = 1 in every layer)."""
+        if self.config.heavy_slots > 0:
+            return True
+        return any(float(layer.alpha.detach()) != 1.0 for layer in self.layers)
+
+    def check_model(self, model_or_config) -> None:
+        """Raises ValueError saying what differs when this compressor does not fit the model."""
+        theirs = ModelGeometry.of(model_or_config)
+        diff = self.geometry.differences(theirs)
+        if diff:
+            raise ValueError(
+                f"this LoCoCo compressor does not fit the model: it was built for "
+                f"{self.geometry.model_type or 'a model'} with {self.geometry.num_layers} layers and head_dim "
+                f"{self.geometry.head_dim}, the model ({theirs.model_type}) differs: {'; '.join(diff)}")
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Writes lococo_config.json and lococo_compressor.safetensors into the folder ``path``."""
+        from safetensors.torch import save_file
+
+        from . import __version__
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {"format_version": FORMAT_VERSION, "lococo_version": __version__,
+                "config": self.config.to_dict(), "model": self.geometry.__dict__}
+        (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        tensors = {name: t.detach().to("cpu").contiguous() for name, t in self.state_dict().items()}
+        save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, model=None, device=None, dtype=None) -> LoCoCoCompressor:
+        """Loads a compressor saved by ``save_pretrained``.
+
+        With ``model`` (a model or its config), checks that the compressor fits it and raises a
+        ValueError saying what differs; the device then defaults to the model's.
+        """
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"{path} must hold {CONFIG_FILE} and {WEIGHTS_FILE} (written by save_pretrained)")
+        meta = json.loads((path / CONFIG_FILE).read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path / CONFIG_FILE}: format_version {meta.get('format_version')} is not "
+                             f"supported (this lococo reads {FORMAT_VERSION})")
+        config = LoCoCoConfig.from_dict(meta["config"])
+        geometry = ModelGeometry(**meta["model"])
+        if model is not None:
+            theirs = ModelGeometry.of(model)
+            diff = geometry.differences(theirs)
+            if diff:
+                raise ValueError(
+                    f"the compressor in {path} was trained for {geometry.model_type} with {geometry.num_layers} "
+                    f"layers and head_dim {geometry.head_dim}; the model ({theirs.model_type}) differs: "
+                    f"{'; '.join(diff)}")
+            if theirs.model_type != geometry.model_type:
+                warnings.warn(f"the compressor in {path} was trained on a {geometry.model_type} model and is "
+                              f"loaded for a {theirs.model_type} model of the same shapes", stacklevel=2)
+            if device is None and isinstance(model, nn.Module):
+                device = next(model.parameters()).device
+        state = load_file(str(path / WEIGHTS_FILE))
+        compressor = cls(config, geometry, device="meta")
+        expected = {name: tuple(t.shape) for name, t in compressor.state_dict().items()}
+        got = {name: tuple(t.shape) for name, t in state.items()}
+        problems = [f"missing {name}" for name in sorted(expected.keys() - got.keys())]
+        problems += [f"unexpected {name}" for name in sorted(got.keys() - expected.keys())]
+        problems += [f"{name} has shape {got[name]}, the config implies {expected[name]}"
+                     for name in sorted(expected.keys() & got.keys()) if got[name] != expected[name]]
+        if problems:
+            raise ValueError(f"{path / WEIGHTS_FILE} does not match {CONFIG_FILE}: " + "; ".join(problems))
+        compressor.load_state_dict(state, assign=True)
+        return compressor.to(device=device, dtype=dtype)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"M={c.num_slots}, H={c.heavy_slots}, C={c.fused_slots}, beta={c.beta}, k={c.kernel_size}, "
+                f"l={c.num_local}, model={self.geometry.model_type}")

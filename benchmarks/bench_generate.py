@@ -1,0 +1,255 @@
+"""Decode speed and memory against context length: the LoCoCo cache against the full cache.
+
+Model: SmolLM2-135M's architecture (Llama: 30 layers, hidden 576, 9 heads over 3 KV heads,
+head_dim 64, vocab 49152, tied embeddings) with random weights. Throughput and memory do not
+depend on the weights, only on the shapes, so no checkpoint is needed.
+
+For every context T and cache, a fresh process builds the model, brings the cache to the state a
+T-token prefill leaves it in, then times greedy decoding of --decode-tokens tokens through the
+model (every forward, attention, cache update and, for LoCoCo, the compressions every
+beta + 1 = 17 tokens). Two ways to reach that state (--prefill):
+  model      the real chunked prefill through the model (chunk B); cost grows with T (and T^2
+             for the full cache), so on a small CPU it is only practical for short contexts;
+  synthetic  the cache is fed random keys/values as the prefill would store them: T entries per
+             layer for the full cache; for LoCoCo, chunks of B through its real update and
+             compression path until it is in its steady state (M slots + B entries), then its
+             token counter is set to T so that positions continue at T.
+Decode cost and memory are the same either way: they depend on the stored shapes only.
+
+Reported per (cache, T): KV bytes held by the cache after decoding, the process's peak RSS (CPU)
+or torch's peak allocated memory (CUDA), decode tokens/s over all timed tokens (compressions
+included), and the median per-token latency with p20/p80. Writes generate.{csv,md,png} under
+--out (generate_model_prefill.* with --prefill model).
+
+    python benchmarks/bench_generate.py [--contexts 1024 2048 ...] [--prefill synthetic|model]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=1e5,
+                    tie_word_embeddings=True, max_position_embeddings=65536, rms_norm_eps=1e-5)
+CACHES = ("full", "lococo")
+FIELDS = ["cache", "context", "prefill", "decode_tokens", "tokens_per_s", "latency_ms_p50", "latency_ms_p20",
+          "latency_ms_p80", "kv_cache_mb", "stored_entries", "peak_mem_mb", "model_mem_mb", "prefill_s",
+          "num_slots", "chunk", "device", "dtype", "threads"]
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def kv_bytes(cache) -> int:
+    if hasattr(cache, "nbytes"):
+        return cache.nbytes()
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if t is not None)
+
+
+def run_one(args) -> dict:
+    """One (cache, context) measurement; runs in its own process so that peak memory is its own."""
+    import torch
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    import lococo
+
+    torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    config = LlamaConfig(**SMOLLM2_135M)
+    model = LlamaForCausalLM(config).to(device, dtype).eval()
+    compressor = lococo.LoCoCoCompressor.for_model(model, num_slots=args.num_slots, chunk_size=args.chunk)
+    if args.cache == "lococo":
+        lococo.apply_lococo(model, compressor)
+        cache = lococo.LoCoCoCache(compressor)
+    else:
+        cache = DynamicCache(config=config)
+    kw = {lococo.cache_kwarg(model): cache}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        model_mem = torch.cuda.memory_allocated() / 2**20
+    else:
+        model_mem = _rss_mb()
+
+    gen = torch.Generator().manual_seed(1)
+    T, B = args.context, args.chunk
+    start = time.perf_counter()
+    with torch.no_grad():
+        if args.prefill == "model":
+            ids = torch.randint(0, config.vocab_size, (1, T), generator=gen).to(device)
+            for s in range(0, T, B):
+                out = model(input_ids=ids[:, s:s + B], logits_to_keep=1, **kw)
+            token = out.logits[:, -1:].argmax(-1)
+        else:
+            shape = (1, config.num_key_value_heads, 0, config.head_dim)
+            rnd = lambda n: torch.randn(shape[:2] + (n, shape[3]), generator=gen).to(device, dtype)  # noqa: E731
+            if args.cache == "full":
+                for i in range(config.num_hidden_layers):
+                    cache.update(rnd(T), rnd(T), i)
+            else:
+                steady = min(T, args.num_slots + 3 * B)
+                for s in range(0, steady, B):
+                    n = min(B, steady - s)
+                    for layer in cache.layers:
+                        layer.update(rnd(n), rnd(n))
+                        layer.record_scores(torch.rand(layer.keys.shape[:3], generator=gen).to(device))
+                for layer in cache.layers:
+                    layer.cumulative_length = T
+            token = torch.randint(0, config.vocab_size, (1, 1), generator=gen).to(device)
+        sync()
+        prefill_s = time.perf_counter() - start
+
+        latencies = []
+        for step in range(args.warmup + args.decode_tokens):
+            t0 = time.perf_counter()
+            out = model(input_ids=token, **kw)
+            token = out.logits[:, -1:].argmax(-1)
+            sync()
+            if step >= args.warmup:
+                latencies.append(time.perf_counter() - t0)
+    assert cache.get_seq_length() == T + args.warmup + args.decode_tokens
+    q = statistics.quantiles(latencies, n=10)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _peak_rss_mb()
+    return {
+        "cache": args.cache, "context": T, "prefill": args.prefill, "decode_tokens": len(latencies),
+        "tokens_per_s": round(len(latencies) / sum(latencies), 2),
+        "latency_ms_p50": round(1e3 * statistics.median(latencies), 2),
+        "latency_ms_p20": round(1e3 * q[1], 2), "latency_ms_p80": round(1e3 * q[7], 2),
+        "kv_cache_mb": round(kv_bytes(cache) / 2**20, 2), "stored_entries": cache.layers[0].keys.shape[-2],
+        "peak_mem_mb": round(peak, 1), "model_mem_mb": round(model_mem, 1), "prefill_s": round(prefill_s, 2),
+        "num_slots": args.num_slots, "chunk": B, "device": args.device, "dtype": args.dtype,
+        "threads": args.threads,
+    }
+
+
+def environment(args) -> str:
+    import torch
+    import transformers
+
+    import lococo
+
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'cpu'}"
+    return (f"{datetime.date.today()}, {device}, {os.cpu_count()} cores "
+            f"({args.threads} torch threads), python {platform.python_version()}, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}, lococo {lococo.__version__} "
+            f"(kernels: {lococo.kernel_devices() or 'none, reference'})")
+
+
+def write_outputs(rows: list[dict], args, env: str) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "generate" if args.prefill == "synthetic" else "generate_model_prefill"
+    with open(out / f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    by = {(r["cache"], r["context"]): r for r in rows}
+    contexts = sorted({r["context"] for r in rows})
+    lines = [
+        f"SmolLM2-135M architecture, random weights (throughput and memory depend on shapes, not weights); "
+        f"LoCoCo M = {args.num_slots}, beta = 16, B = {args.chunk}; batch 1, {args.dtype} on {args.device}; "
+        f"{args.decode_tokens} timed greedy decode tokens after {args.warmup} warm-up; prefill: {args.prefill}.",
+        f"Machine: {env}. Process RSS after building the model (the floor of the peak column): "
+        f"{min(r['model_mem_mb'] for r in rows)} MB.", "",
+        "| context | KV cache MB full | KV cache MB LoCoCo | peak MB full | peak MB LoCoCo "
+        "| decode tok/s full | decode tok/s LoCoCo | speed-up | latency ms p50 [p20, p80] full "
+        "| latency ms p50 [p20, p80] LoCoCo |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for T in contexts:
+        f, c = by.get(("full", T)), by.get(("lococo", T))
+        if f is None or c is None:
+            continue
+        lat = lambda r: f"{r['latency_ms_p50']} [{r['latency_ms_p20']}, {r['latency_ms_p80']}]"  # noqa: E731
+        lines.append(f"| {T} | {f['kv_cache_mb']} | {c['kv_cache_mb']} | {f['peak_mem_mb']} | {c['peak_mem_mb']} "
+                     f"| {f['tokens_per_s']} | {c['tokens_per_s']} | {c['tokens_per_s'] / f['tokens_per_s']:.2f}x "
+                     f"| {lat(f)} | {lat(c)} |")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for cache, style in (("full", "o-"), ("lococo", "s-")):
+        pts = [by[(cache, T)] for T in contexts if (cache, T) in by]
+        xs = [r["context"] for r in pts]
+        label = "full cache" if cache == "full" else f"LoCoCo (M = {args.num_slots})"
+        axes[0].plot(xs, [r["kv_cache_mb"] for r in pts], style, label=label)
+        axes[1].plot(xs, [r["peak_mem_mb"] for r in pts], style, label=label)
+        axes[2].plot(xs, [r["tokens_per_s"] for r in pts], style, label=label)
+    titles = ("KV cache (MB)", "peak memory (MB): " + ("torch allocated" if args.device == "cuda" else "process RSS"),
+              "decode tokens/s")
+    for ax, title in zip(axes, titles):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(contexts, [f"{T // 1024}K" for T in contexts])
+        ax.set_xlabel("context length")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("SmolLM2-135M architecture (random weights), batch 1, " + args.device, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / f"{stem}.png", dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--caches", nargs="+", choices=CACHES, default=list(CACHES))
+    parser.add_argument("--prefill", choices=("synthetic", "model"), default="synthetic")
+    parser.add_argument("--decode-tokens", type=int, default=48)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--num-slots", type=int, default=128)
+    parser.add_argument("--chunk", type=int, default=128)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    # One thread by default: on a CPU shared with other jobs, OpenMP threads spin-wait on siblings
+    # that the OS has descheduled, and decode latency becomes scheduler noise.
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # worker mode: "cache:context"
+    args = parser.parse_args()
+
+    if args.one is not None:
+        args.cache, context = args.one.split(":")
+        args.context = int(context)
+        print(json.dumps(run_one(args)))
+        return
+
+    rows = []
+    worker = [sys.executable, __file__, *[a for a in sys.argv[1:]]]
+    for T in args.contexts:           # caches side by side at each context, so that both see the same load
+        for cache in args.caches:
+            result = subprocess.run(worker + ["--one", f"{cache}:{T}"], capture_output=True, text=True)
+            if result.returncode != 0:
+                sys.exit(f"{cache} at {T} failed:\n{result.stderr}")
+            row = json.loads(result.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"{cache:>6} {T:>6}: {row['tokens_per_s']:8.2f} tok/s, KV {row['kv_cache_mb']:8.2f} MB, "
+                  f"peak {row['peak_mem_mb']:8.1f} MB, prefill {row['prefill_s']:.1f} s", flush=True)
+    write_outputs(rows, args, environment(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Attention implementations that also produce the per-key scores of SPEC section 3.
+
+``lococo_sdpa`` and ``lococo_eager`` are registered under their own names in transformers'
+``AttentionInterface`` and ``AttentionMaskInterface`` (the mask entry is transformers' own sdpa or
+eager mask builder: without it, transformers builds no mask at all for an unknown name). They
+compute the same output as ``sdpa`` and ``eager`` and, when the keys they receive were just
+returned by a fixed-slot cache layer, hand that layer the scores
+
+    S[b, g, j] = sum over the call's queries i and the query heads h of KV group g of P[b, h, i, j]
+
+where P are the softmax probabilities of the call (queries whose every key is masked, such as
+left padding, contribute nothing). Only the latest call counts.
+
+The cache layer announces itself in ``update`` (``expect_scores``) and the attention function
+claims it by the identity of the key tensor, so nothing is wrapped and no global table is touched.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+__all__ = ["ATTENTION_NAMES", "attention_scores", "register_attention", "scored_name"]
+
+# Elements of the float32 [b, heads, queries, keys] score block computed at once.
+SCORE_BLOCK_ELEMENTS = 1 << 24
+
+_handoff = threading.local()
+
+
+def expect_scores(layer, keys: torch.Tensor) -> None:
+    """Called by a cache layer's ``update``: the next attention over ``keys`` owes it scores."""
+    _handoff.pending = (layer, keys)
+
+
+def _claim(keys: torch.Tensor):
+    pending = getattr(_handoff, "pending", None)
+    if pending is not None and pending[1] is keys:
+        _handoff.pending = None
+        return pending[0]
+    return None
+
+
+def _allowed_keys(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, device) -> torch.Tensor | None:
+    """The mask as booleans [b or 1, 1 or heads, q, kv] (True = may attend), or None for no mask."""
+    if attention_mask is None:
+        if q_len == 1:
+            return None
+        # transformers passes no mask when causal attention is implied; its alignment is bottom-right
+        i = torch.arange(q_len, device=device).unsqueeze(-1)
+        j = torch.arange(kv_len, device=device)
+        return (j <= i + (kv_len - q_len)).view(1, 1, q_len, kv_len)
+    if attention_mask.shape[-1] != kv_len:
+        raise ValueError(f"the attention mask covers {attention_mask.shape[-1]} keys but there are {kv_len}")
+    if attention_mask.dtype == torch.bool:
+        return attention_mask
+    return attention_mask > torch.finfo(attention_mask.dtype).min / 2  # additive masks: 0 where allowed, the dtype's min elsewhere
+
+
+def attention_scores(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                     scaling: float | None = None) -> torch.Tensor:
+    """Scores [b, kv_heads, kv_len] (float32) of SPEC section 3 for one attention call.
+
+    ``query`` [b, heads, q, d] and ``key`` [b, kv_heads, kv, d] as the attention function gets them
+    (GQA groups are contiguous query heads). Computed block by block over the queries so that the
+    float32 probabilities never exceed ``SCORE_BLOCK_ELEMENTS`` elements.
+    """
+    b, num_heads, q_len, d = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    groups = num_heads // kv_heads
+    scaling = d ** -0.5 if scaling is None else scaling
+    allowed = _allowed_keys(attention_mask, q_len, kv_len, query.device)
+    if allowed is not None:
+        if allowed.shape[1] == 1:
+            allowed = allowed.unsqueeze(1)                                   # [b, 1, 1, q, kv]
+        else:
+            allowed = allowed.reshape(allowed.shape[0], kv_heads, groups, q_len, kv_len)
+    grouped_q = query.view(b, kv_heads, groups, q_len, d)
+    key_t = key.transpose(-1, -2)                                            # [b, kv_heads, d, kv]
+    step = max(1, SCORE_BLOCK_ELEMENTS // max(1, b * num_heads * kv_len))
+    scores = None
+    with torch.no_grad():
+        for start in range(0, q_len, step):
+            stop = min(q_len, start + step)
+            # one plain batched matmul per KV head: the group's queries are its rows
+            block_q = grouped_q[:, :, :, start:stop].reshape(b, kv_heads, groups * (stop - start), d)
+            logits = torch.matmul(block_q, key_t).float().mul_(scaling)
+            logits = logits.view(b, kv_heads, groups, stop - start, kv_len)
+            if allowed is None:
+                probs = torch.softmax(logits, dim=-1)
+            else:
+                block = allowed[..., start:stop, :]
+                probs = torch.softmax(logits.masked_fill_(~block, float("-inf")), dim=-1)
+                probs = probs.masked_fill_(~block.any(-1, keepdim=True), 0.0)  # fully masked queries
+            part = probs.sum(dim=(2, 3))
+            scores = part if scores is None else scores.add_(part)
+    return scores
+
+
+def _record(key: torch.Tensor, make_scores) -> None:
+    layer = _claim(key)
+    if layer is not None:
+        layer.record_scores(make_scores())
+
+
+def lococo_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                          scaling: float | None = None, **kwargs):
+    """transformers' SDPA attention, plus the scores for the fixed-slot cache layer that gave ``key``."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    output, weights = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                             scaling=scaling, **kwargs)
+    _record(key, lambda: attention_scores(query, key, attention_mask, scaling))
+    return output, weights
+
+
+def lococo_eager_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                           scaling: float | None = None, **kwargs):
+    """transformers' eager attention (same operations, same result), scores taken from its probabilities."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    groups = query.shape[1] // key.shape[1]
+    kv_len = key.shape[2]
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    key_states = repeat_kv(key, groups)
+    value_states = repeat_kv(value, groups)
+    logits = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        logits = logits + attention_mask
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+
+    def scores_from_probs():
+        p = probs.detach()
+        if attention_mask is not None:
+            live = _allowed_keys(attention_mask, query.shape[2], kv_len, query.device).any(-1, keepdim=True)
+            p = p.masked_fill(~live, 0.0)
+        b, num_heads, q_len, _ = p.shape
+        return p.reshape(b, key.shape[1], num_heads // key.shape[1] * q_len, kv_len).sum(2)
+
+    _record(key, scores_from_probs)
+    weights = torch.nn.functional.dropout(probs.to(query.dtype), p=dropout, training=module.training)
+    output = torch.matmul(weights, value_states).transpose(1, 2).contiguous()
+    return output, weights
+
+
+# backend the model used -> scored implementation registered for it
+ATTENTION_NAMES = {"sdpa": "lococo_sdpa", "eager": "lococo_eager"}
+_FUNCTIONS = {"lococo_sdpa": lococo_sdpa_attention, "lococo_eager": lococo_eager_attention}
+_registered = False
+
+
+def register_attention() -> None:
+    """Registers lococo_sdpa and lococo_eager with transformers (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+    masks = {"lococo_sdpa": sdpa_mask, "lococo_eager": eager_mask}
+    for name, function in _FUNCTIONS.items():
+        AttentionInterface.register(name, function)
+        AttentionMaskInterface.register(name, masks[name])
+    _registered = True
+
+
+def scored_name(implementation: str | None) -> str | None:
+    """The scored implementation for a model's attention implementation, None when there is none."""
+    if implementation in _FUNCTIONS:
+        return implementation
+    return ATTENTION_NAMES.get(implementation or "sdpa")

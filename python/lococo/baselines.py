@@ -1,0 +1,123 @@
+"""Baseline fixed-slot caches at the same M as LoCoCo (SPEC section 6), and a cache factory.
+
+- H2O: same trigger and same scores as LoCoCo (latest attention call); keeps the top-M entries
+  (ties to the lower index, NaN scores last), in cache order, nothing fused.
+- StreamingLLM: the first ``num_sink`` valid entries (4) plus the most recent M - num_sink. Keys
+  keep their original positions (no re-rotation, as every cache here). Needs no scores, so it
+  works on any attention backend.
+- Full: transformers' own ``DynamicCache``.
+
+Rows with fewer than M valid entries keep them all, right-aligned, as in ``fuse_kv``.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from .cache import FixedSlotCache, FixedSlotLayer, LoCoCoCache
+from .compressor import LoCoCoCompressor, ModelGeometry
+from .reference import rank_order
+
+__all__ = ["H2OCache", "H2OLayer", "StreamingLLMCache", "StreamingLLMLayer", "build_cache"]
+
+
+def _gather_slots(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, keep: torch.Tensor):
+    """keys/values [b, h, L, d] gathered at index [b, h, M]; slots where keep is False are zeroed."""
+    idx = index.unsqueeze(-1)
+    k = keys.gather(2, idx.expand(-1, -1, -1, keys.shape[-1]))
+    v = values.gather(2, idx.expand(-1, -1, -1, values.shape[-1]))
+    drop = ~keep.unsqueeze(-1)
+    return k.masked_fill(drop, 0), v.masked_fill(drop, 0)
+
+
+class H2OLayer(FixedSlotLayer):
+    """Keeps the M stored entries with the largest scores (the ``num_local`` most recent always)."""
+
+    def __init__(self, num_slots: int, beta: int = 16, num_local: int = 0):
+        super().__init__(num_slots, beta)
+        if not 0 <= num_local <= num_slots:
+            raise ValueError(f"num_local must be in [0, num_slots = {num_slots}], got {num_local}")
+        self.num_local = num_local
+
+    def compress(self) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self._scores_for_compression()
+        b, h, stored = scores.shape
+        valid = self._valid_mask().unsqueeze(1).expand(b, h, stored)
+        recent = torch.arange(stored, device=self.device) >= stored - self.num_local
+        # The protected recent entries rank first; pads rank last (fewer than M valid: they fill the
+        # front and are zeroed, which right-aligns the row)
+        ranked = scores.masked_fill(recent & valid, float("inf"))
+        order = rank_order(ranked.reshape(b * h, stored), valid.reshape(b * h, stored))[:, : self.num_slots]
+        index = torch.sort(order, dim=-1).values.view(b, h, self.num_slots)
+        return _gather_slots(self.keys, self.values, index, valid.gather(2, index))
+
+
+class StreamingLLMLayer(FixedSlotLayer):
+    """Keeps the first ``num_sink`` valid entries and the most recent M - num_sink."""
+
+    needs_scores = False
+
+    def __init__(self, num_slots: int, beta: int = 16, num_sink: int = 4):
+        super().__init__(num_slots, beta)
+        if not 0 <= num_sink <= num_slots:
+            raise ValueError(f"num_sink must be in [0, num_slots = {num_slots}], got {num_sink}")
+        self.num_sink = num_sink
+
+    def compress(self) -> tuple[torch.Tensor, torch.Tensor]:
+        b, h, stored, _ = self.keys.shape
+        M, sinks = self.num_slots, self.num_sink
+        first_valid = (stored - self.valid_len).unsqueeze(-1)                   # [b, 1]
+        slot = torch.arange(M, device=self.device)
+        streaming = torch.where(slot < sinks, first_valid + slot, stored - M + slot)
+        short = self.valid_len.unsqueeze(-1) < M                               # keep all, right-aligned
+        index = torch.where(short, stored - M + slot, streaming)
+        keep = index >= first_valid
+        index = index.unsqueeze(1).expand(b, h, M)
+        return _gather_slots(self.keys, self.values, index, keep.unsqueeze(1).expand(b, h, M))
+
+
+class H2OCache(FixedSlotCache):
+    """H2O at M slots per layer: needs the scores of ``lococo_sdpa``/``lococo_eager`` (apply_lococo)."""
+
+    def __init__(self, num_layers: int, num_slots: int, beta: int = 16, num_local: int = 0):
+        super().__init__([H2OLayer(num_slots, beta, num_local) for _ in range(num_layers)])
+
+
+class StreamingLLMCache(FixedSlotCache):
+    """StreamingLLM at M slots per layer (attention sinks plus a recent window); any attention backend."""
+
+    def __init__(self, num_layers: int, num_slots: int, beta: int = 16, num_sink: int = 4):
+        super().__init__([StreamingLLMLayer(num_slots, beta, num_sink) for _ in range(num_layers)])
+
+
+CACHE_KINDS = ("lococo", "h2o", "streaming", "full")
+
+
+def build_cache(kind: str, model, compressor: LoCoCoCompressor | None = None, num_slots: int | None = None,
+                beta: int | None = None):
+    """A fresh cache of one kind for ``model``: "lococo", "h2o", "streaming" or "full".
+
+    "lococo" needs ``compressor``; the baselines take ``num_slots`` and ``beta`` from it when given,
+    else from the arguments (beta defaults to 16).
+    """
+    if kind not in CACHE_KINDS:
+        raise ValueError(f"kind must be one of {CACHE_KINDS}, got {kind!r}")
+    config = getattr(model, "config", model)
+    if kind == "full":
+        return DynamicCache(config=config)
+    if kind == "lococo":
+        if compressor is None:
+            raise ValueError("build_cache('lococo', ...) needs a compressor")
+        compressor.check_model(config)
+        return LoCoCoCache(compressor)
+    if compressor is not None:
+        num_slots = compressor.config.num_slots if num_slots is None else num_slots
+        beta = compressor.config.beta if beta is None else beta
+    if num_slots is None:
+        raise ValueError(f"build_cache({kind!r}, ...) needs num_slots (or a compressor to take it from)")
+    beta = 16 if beta is None else beta
+    num_layers = ModelGeometry.of(config).num_layers
+    if kind == "h2o":
+        return H2OCache(num_layers, num_slots, beta)
+    return StreamingLLMCache(num_layers, num_slots, beta)

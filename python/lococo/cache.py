@@ -1,0 +1,252 @@
+"""Fixed-slot KV caches for transformers: the common layer logic and the LoCoCo cache.
+
+A fixed-slot layer follows SPEC section 3. At the start of ``update`` it compresses its stored
+entries to M slots when it stores more than M + beta of them, using the scores of the previous
+attention call; then it appends the new entries and returns [stored ; new]. Keys stay post-RoPE
+at their absolute positions; ``get_seq_length()`` counts the tokens seen.
+
+Padding: each row keeps its valid entries right-aligned (a suffix of the stored axis), counted by
+``valid_len``. A row then holds min(valid tokens seen, stored) valid entries, which is exactly
+what transformers' own 2D padding mask says about the last ``stored`` columns before the new
+ones, given ``get_mask_sizes`` = (stored + q, seen - stored). So the standard masks (any backend)
+see every slot, the new entries causally, and no pad. Left padding only.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from . import attention
+from .compressor import LayerCompressor, LoCoCoCompressor
+from .config import LoCoCoConfig
+
+__all__ = ["FixedSlotCache", "FixedSlotLayer", "LoCoCoCache", "LoCoCoLayer"]
+
+
+class FixedSlotLayer(DynamicLayer):
+    """One decoder layer of a fixed-slot cache; subclasses define ``compress``."""
+
+    is_compileable = False  # shapes change at every compression
+    is_croppable = False    # fused slots cannot be un-merged
+    is_sliding = False
+    needs_scores = True
+
+    def __init__(self, num_slots: int, beta: int):
+        super().__init__()
+        if num_slots < 1 or beta < 0:
+            raise ValueError(f"num_slots must be >= 1 and beta >= 0, got {num_slots} and {beta}")
+        self.num_slots, self.beta = num_slots, beta
+        self.cumulative_length = 0        # tokens seen
+        self.valid_len: torch.Tensor | None = None   # int64 [b]: valid entries at the end of each row
+        self.scores: torch.Tensor | None = None      # float32 [b, kv_heads, stored], latest call only
+        self.num_compressions = 0
+
+    # --- what subclasses implement -------------------------------------------------------------
+    def compress(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [b, h, M, d] from the stored entries, valid rows right-aligned."""
+        raise NotImplementedError
+
+    # --- bookkeeping ---------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.keys = key_states.new_empty((b, h, 0, d))
+        self.values = value_states.new_empty((b, h, 0, value_states.shape[-1]))
+        self.valid_len = torch.zeros(b, dtype=torch.long, device=self.device)
+        self.is_initialized = True
+
+    @property
+    def stored_length(self) -> int:
+        return 0 if not self.is_initialized else self.keys.shape[-2]
+
+    def _will_compress(self) -> bool:
+        return self.stored_length > self.num_slots + self.beta
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
+               new_valid: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compress if due, append, return [stored ; new] for this call's attention.
+
+        ``new_valid`` (int64 [b]): how many of the new entries of each row are not padding (their
+        last ones); all of them when None.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self._will_compress():
+            self.keys, self.values = self.compress()
+            self.valid_len = self.valid_len.clamp(max=self.num_slots)
+            self.num_compressions += 1
+        self.scores = None
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        added = key_states.shape[-2] if new_valid is None else new_valid
+        self.valid_len = (self.valid_len + added).clamp(max=self.keys.shape[-2])
+        self.cumulative_length += key_states.shape[-2]
+        if self.needs_scores:
+            attention.expect_scores(self, self.keys)
+        return self.keys, self.values
+
+    def record_scores(self, scores: torch.Tensor) -> None:
+        """Called by the lococo attention functions with the scores [b, kv_heads, stored]."""
+        if tuple(scores.shape) != tuple(self.keys.shape[:3]):
+            raise RuntimeError(f"attention scores of shape {tuple(scores.shape)} do not match the "
+                               f"{tuple(self.keys.shape[:3])} stored entries")
+        self.scores = scores.detach().float()
+
+    def _scores_for_compression(self) -> torch.Tensor:
+        if self.scores is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: {self.stored_length} entries must be compressed but the last attention "
+                "call left no scores. The model's attention implementation does not produce them: call "
+                "lococo.apply_lococo(model, ...) first (it switches sdpa/eager to lococo_sdpa/lococo_eager), "
+                "or use a mode that needs no scores (pure convolution, StreamingLLM).")
+        return self.scores
+
+    def _valid_mask(self) -> torch.Tensor:
+        """[b, stored] bool: True on each row's valid suffix."""
+        stored = self.stored_length
+        return torch.arange(stored, device=self.device) >= (stored - self.valid_len).unsqueeze(-1)
+
+    def get_seq_length(self) -> int:
+        """Tokens seen (positions keep counting them), not the number of stored entries."""
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(stored + q, seen - stored) as ``update`` will see them, compression included."""
+        stored = self.num_slots if self._will_compress() else self.stored_length
+        return stored + query_length, self.cumulative_length - stored
+
+    def get_max_length(self) -> int:
+        return -1  # any number of tokens; the stored entries stay under M + beta + q
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove == 0:
+            return
+        raise ValueError(f"{type(self).__name__} cannot be cropped (asked to crop {tokens_to_remove}): compressed "
+                         "slots cannot be un-merged. Assisted/speculative decoding and other features that roll "
+                         "the cache back are not supported with fixed-slot caches.")
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.cumulative_length = 0
+        self.valid_len = None
+        self.scores = None
+        self.num_compressions = 0
+
+    def _map_rows(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        self.keys, self.values, self.valid_len = fn(self.keys), fn(self.values), fn(self.valid_len)
+        if self.scores is not None:
+            self.scores = fn(self.scores)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_rows(lambda t: t[indices, ...])
+
+    def detach_(self) -> None:
+        """Cuts the autograd history of the stored entries (truncated backprop between chunks)."""
+        if self.is_initialized:
+            self.keys, self.values = self.keys.detach(), self.values.detach()
+
+    def nbytes(self) -> int:
+        """Bytes held by this layer: stored keys and values, scores, row counters."""
+        tensors = (self.keys, self.values, self.scores, self.valid_len) if self.is_initialized else ()
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class FixedSlotCache(Cache):
+    """A transformers ``Cache`` made of fixed-slot layers, one per decoder layer.
+
+    ``lococo.apply_lococo`` tells it, before each forward, which new tokens are padding
+    (``set_input_padding``); without that every new token counts as valid.
+    """
+
+    def __init__(self, layers: list[FixedSlotLayer]):
+        if not layers:
+            raise ValueError("a fixed-slot cache needs at least one layer")
+        super().__init__(layers=layers)
+        self._new_valid: tuple[int, torch.Tensor] | None = None   # (tokens fed, valid ones per row)
+
+    def set_input_padding(self, attention_mask: torch.Tensor | None, query_length: int) -> None:
+        """Reads the new tokens' padding from the 2D attention mask of the coming forward.
+
+        ``attention_mask`` [b, seen + q] (1 = token, 0 = left padding) or None (no padding).
+        """
+        if attention_mask is None or attention_mask.dim() != 2 or query_length == 0:
+            self._new_valid = None
+        else:
+            valid = (attention_mask[:, -query_length:] != 0).sum(-1).to(torch.long)
+            self._new_valid = (query_length, valid)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        new_valid = None
+        if self._new_valid is not None and self._new_valid[0] == key_states.shape[-2]:
+            new_valid = self._new_valid[1]
+            if new_valid.shape[0] != key_states.shape[0]:
+                raise ValueError(f"the attention mask has {new_valid.shape[0]} rows but the keys have "
+                                 f"{key_states.shape[0]}")
+        return self.layers[layer_idx].update(key_states, value_states, new_valid=new_valid)
+
+    def detach_(self) -> None:
+        """Cuts the autograd history of every layer (call between training chunks)."""
+        for layer in self.layers:
+            layer.detach_()
+
+    def nbytes(self) -> int:
+        """Bytes held by all layers."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    @property
+    def stored_lengths(self) -> list[int]:
+        return [layer.stored_length for layer in self.layers]
+
+    @property
+    def num_compressions(self) -> int:
+        return self.layers[0].num_compressions
+
+
+class LoCoCoLayer(FixedSlotLayer):
+    """A layer compressed by its ``LayerCompressor`` (``lococo.fuse_kv``)."""
+
+    def __init__(self, compressor: LayerCompressor, config: LoCoCoConfig, needs_scores: bool = True):
+        super().__init__(config.num_slots, config.beta)
+        if compressor.num_fused != config.fused_slots:
+            raise ValueError(f"the layer compressor fuses {compressor.num_fused} slots, the config "
+                             f"{config.fused_slots}")
+        self.compressor = compressor
+        self.num_heavy, self.num_local = config.heavy_slots, config.num_local
+        self.needs_scores = needs_scores
+
+    def compress(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.needs_scores:
+            scores = self._scores_for_compression()
+        else:  # pure convolution: every slot is fused with weight 1, no entry is picked by score
+            scores = self.keys.new_zeros(self.keys.shape[:3], dtype=torch.float32)
+        empty_k, empty_v = self.keys[:, :, :0], self.values[:, :, :0]
+        return self.compressor(self.keys, self.values, empty_k, empty_v, scores, self.num_heavy,
+                               self.num_local, self.valid_len)
+
+
+class LoCoCoCache(FixedSlotCache):
+    """The LoCoCo cache: M slots per layer and KV head, learned convolution compression.
+
+    Example::
+
+        compressor = lococo.LoCoCoCompressor.for_model(model, num_slots=128)
+        out = model.generate(**inputs, cache=lococo.LoCoCoCache(compressor))  # past_key_values= before 5.24
+    """
+
+    def __init__(self, compressor: LoCoCoCompressor):
+        if not isinstance(compressor, LoCoCoCompressor):
+            raise TypeError(f"LoCoCoCache takes a LoCoCoCompressor, got {type(compressor).__name__}")
+        needs_scores = compressor.needs_scores()
+        super().__init__([LoCoCoLayer(layer, compressor.config, needs_scores) for layer in compressor.layers])
+        self.compressor = compressor
+        self.config = compressor.config

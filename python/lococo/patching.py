@@ -1,0 +1,224 @@
+"""``apply_lococo(model, compressor)``: one call that puts a fixed-slot cache under a model.
+
+What it changes on the model instance (``remove_lococo`` undoes all of it):
+- the attention implementation: ``sdpa`` -> ``lococo_sdpa``, ``eager`` -> ``lococo_eager``, which
+  also produce the scores the compression needs (not changed in pure-convolution mode, which
+  needs none and runs on any backend);
+- a forward pre-hook on the decoder that tells a fixed-slot cache which new tokens are padding,
+  and that gives plain forwards a ``LoCoCoCache`` when they would otherwise build a DynamicCache;
+- ``model.generate``: an instance attribute that passes a fresh ``LoCoCoCache`` when the caller
+  gives no cache (``cache=`` in transformers 5.24, ``past_key_values=`` before).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from . import attention
+from .cache import FixedSlotCache, LoCoCoCache
+from .compressor import LoCoCoCompressor
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "apply_lococo", "cache_kwarg", "get_output_cache", "is_patched", "remove_lococo"]
+
+
+@dataclass(frozen=True)
+class ModelSupport:
+    """How lococo finds its way in one architecture family."""
+
+    decoder_attr: str = "model"     # the attribute of the *ForCausalLM holding the decoder
+    sliding_window_attr: str | None = None  # a config field that, when set, windows every layer
+
+
+# model_type -> support entry. Llama-family decoders: RoPE, GQA, one full-attention cache layer
+# per decoder layer, attention through transformers' AttentionInterface. SmolLM2 is "llama".
+SUPPORTED_MODEL_TYPES: dict[str, ModelSupport] = {
+    "llama": ModelSupport(),
+    "mistral": ModelSupport(sliding_window_attr="sliding_window"),
+    "qwen2": ModelSupport(),
+    "qwen3": ModelSupport(),
+}
+
+_STATE_ATTR = "_lococo_state"
+
+
+@dataclass
+class _PatchState:
+    compressor: LoCoCoCompressor | None
+    original_attn: str
+    cache_kwarg: str
+    hooks: list = field(default_factory=list)
+
+
+def cache_kwarg(model) -> str:
+    """The name under which this transformers version passes a cache: "cache" (5.24) or "past_key_values"."""
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def get_output_cache(outputs):
+    """The cache in a model output, whatever this transformers version calls it (None if absent)."""
+    for name in ("cache", "past_key_values"):
+        value = outputs.get(name) if isinstance(outputs, dict) else getattr(outputs, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def _support_for(model) -> ModelSupport:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise NotImplementedError(
+            f"lococo does not support model_type {model_type!r} ({type(model).__name__}); supported: "
+            f"{sorted(SUPPORTED_MODEL_TYPES)}. Other Llama-family decoders may work: add them to "
+            "lococo.patching.SUPPORTED_MODEL_TYPES after checking that they use AttentionInterface and one "
+            "full-attention cache layer per decoder layer.")
+    return SUPPORTED_MODEL_TYPES[model_type]
+
+
+def _check_layers(model, support: ModelSupport, compressor: LoCoCoCompressor | None) -> None:
+    config = model.config
+    layer_types = getattr(config, "layer_types", None) or []
+    sliding = [i for i, t in enumerate(layer_types) if t != "full_attention"]
+    if sliding:
+        raise NotImplementedError(
+            f"{config.model_type}: layers {sliding} are not full attention ({sorted(set(layer_types))}); "
+            "lococo replaces full-attention caches only (set use_sliding_window=False)")
+    if support.sliding_window_attr and compressor is not None:
+        window = getattr(config, support.sliding_window_attr, None)
+        cfg = compressor.config
+        if window is not None and window <= cfg.num_slots + cfg.beta:
+            raise ValueError(
+                f"{config.model_type} attends within a sliding window of {window} tokens, which must exceed "
+                f"M + beta = {cfg.num_slots + cfg.beta} so that every slot stays visible")
+
+
+def _decoder(model, support: ModelSupport) -> nn.Module:
+    decoder = getattr(model, support.decoder_attr, None)
+    if not isinstance(decoder, nn.Module):
+        raise NotImplementedError(f"{type(model).__name__} has no decoder module at .{support.decoder_attr}; "
+                                  "pass the *ForCausalLM model")
+    return decoder
+
+
+# Positions of the decoder's forward arguments (input_ids, attention_mask, position_ids, cache, ...)
+_ARG_POSITION = {"input_ids": 0, "attention_mask": 1, "cache": 3}
+
+
+def _argument(args, kwargs, name: str, kwarg: str | None = None):
+    kwarg = kwarg or name
+    if kwarg in kwargs:
+        return kwargs[kwarg]
+    position = _ARG_POSITION[name]
+    return args[position] if len(args) > position else None
+
+
+def _query_length(args, kwargs) -> int:
+    ids = _argument(args, kwargs, "input_ids")
+    if ids is not None:
+        return ids.shape[-1]
+    embeds = kwargs.get("inputs_embeds")
+    return 0 if embeds is None else embeds.shape[1]
+
+
+def _before_forward(model, state: _PatchState, module, args, kwargs):
+    cache = _argument(args, kwargs, "cache", state.cache_kwarg)
+    if cache is None and len(args) <= _ARG_POSITION["cache"] and state.compressor is not None:
+        use_cache = kwargs.get("use_cache")
+        use_cache = module.config.use_cache if use_cache is None else use_cache
+        if use_cache and not (module.training and getattr(module, "gradient_checkpointing", False)):
+            cache = LoCoCoCache(state.compressor)
+            kwargs[state.cache_kwarg] = cache
+    if isinstance(cache, FixedSlotCache):
+        cache.set_input_padding(_argument(args, kwargs, "attention_mask"), _query_length(args, kwargs))
+    return args, kwargs
+
+
+def _after_forward(state: _PatchState, module, args, kwargs, output):
+    cache = _argument(args, kwargs, "cache", state.cache_kwarg)
+    if isinstance(cache, FixedSlotCache):
+        cache.set_input_padding(None, 0)
+    return output
+
+
+def _generate(model, *args, **kwargs):
+    state: _PatchState = getattr(model, _STATE_ATTR)
+    gen_config = kwargs.get("generation_config") or model.generation_config
+    wants_cache = kwargs.get("use_cache", getattr(gen_config, "use_cache", True)) is not False
+    default_cache = kwargs.get("cache_implementation", getattr(gen_config, "cache_implementation", None)) is None
+    has_cache = kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
+    if state.compressor is not None and wants_cache and default_cache and not has_cache:
+        kwargs[state.cache_kwarg] = LoCoCoCache(state.compressor)
+    return type(model).generate(model, *args, **kwargs)
+
+
+def apply_lococo(model: nn.Module, compressor: LoCoCoCompressor | None = None) -> nn.Module:
+    """Makes ``model`` run with a fixed-slot cache through the normal transformers API.
+
+    With a ``compressor``, ``model.generate(...)`` and plain forwards that would build a
+    DynamicCache get a fresh ``LoCoCoCache(compressor)`` instead; a cache passed explicitly
+    (``cache=``/``past_key_values=``) is used as given. Without one, the model is only prepared
+    for fixed-slot caches passed explicitly (``H2OCache``, ``StreamingLLMCache``, ``LoCoCoCache``).
+
+    The attention implementation becomes ``lococo_sdpa`` or ``lococo_eager`` unless the compressor
+    is pure convolution (rho = 1, alpha = 1), which needs no scores. Flash/flex attention is replaced
+    by ``lococo_sdpa`` with a warning when scores are needed. Calling it again replaces the previous
+    patch. Returns the model.
+    """
+    support = _support_for(model)
+    if compressor is not None:
+        if not isinstance(compressor, LoCoCoCompressor):
+            raise TypeError(f"compressor must be a LoCoCoCompressor, got {type(compressor).__name__}")
+        compressor.check_model(model)
+    _check_layers(model, support, compressor)
+    decoder = _decoder(model, support)
+    if getattr(model, _STATE_ATTR, None) is not None:
+        remove_lococo(model)
+
+    current = original = model.config._attn_implementation
+    needs_scores = compressor is None or compressor.needs_scores()
+    if needs_scores:
+        attention.register_attention()
+        target = attention.scored_name(current)
+        if target is None:
+            warnings.warn(f"attention implementation {current!r} produces no attention scores; lococo switches "
+                          "the model to 'lococo_sdpa'", stacklevel=2)
+            target = "lococo_sdpa"
+        if target != current:
+            model.set_attn_implementation(target)
+    if compressor is not None:
+        device = next(model.parameters()).device
+        if any(p.device != device for p in compressor.parameters()):
+            compressor.to(device)
+
+    state = _PatchState(compressor=compressor, original_attn=original, cache_kwarg=cache_kwarg(model))
+    state.hooks.append(decoder.register_forward_pre_hook(
+        functools.partial(_before_forward, model, state), with_kwargs=True))
+    state.hooks.append(decoder.register_forward_hook(functools.partial(_after_forward, state), with_kwargs=True))
+    setattr(model, _STATE_ATTR, state)
+    model.generate = functools.partial(_generate, model)
+    return model
+
+
+def remove_lococo(model: nn.Module) -> nn.Module:
+    """Undoes ``apply_lococo``: the original attention implementation, no hooks, the class's generate."""
+    state: _PatchState | None = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        return model
+    for hook in state.hooks:
+        hook.remove()
+    if model.config._attn_implementation != state.original_attn:
+        model.set_attn_implementation(state.original_attn)
+    model.__dict__.pop("generate", None)
+    delattr(model, _STATE_ATTR)
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    """True when ``apply_lococo`` was applied to this model and not removed."""
+    return getattr(model, _STATE_ATTR, None) is not None

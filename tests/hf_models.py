@@ -1,0 +1,58 @@
+"""Tiny Hugging Face models built from configs (no downloads) for the integration tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import lococo  # noqa: E402
+
+VOCAB = 96
+
+# 2 layers, hidden 64, 4 query heads over 2 KV heads (GQA), head_dim 16
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+               pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def tiny_config(arch: str = "llama", **overrides):
+    fields = dict(_COMMON, **overrides)
+    if arch == "llama":
+        config = transformers.LlamaConfig(**fields)
+    elif arch == "qwen2":
+        config = transformers.Qwen2Config(**fields)
+    elif arch == "qwen3":
+        config = transformers.Qwen3Config(head_dim=16, **fields)
+    elif arch == "mistral":
+        config = transformers.MistralConfig(**{"sliding_window": None, **fields})
+    else:
+        raise ValueError(arch)
+    return config
+
+
+def tiny_model(arch: str = "llama", attn: str = "sdpa", seed: int = 0, **overrides):
+    """A randomly initialised causal LM in eval mode; the same seed gives the same weights."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), attn_implementation=attn)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None   # fixed-length generations
+    return model.eval()
+
+
+def tiny_compressor(model, seed: int = 0, **fields) -> lococo.LoCoCoCompressor:
+    """A compressor with small M, beta and kernel so that short tests compress many times."""
+    fields = {"num_slots": 12, "beta": 3, "kernel_size": 5, "init_std": 0.2, **fields}
+    torch.manual_seed(seed)
+    return lococo.LoCoCoCompressor.for_model(model, **fields)
+
+
+def random_ids(batch: int, length: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=gen)
+
+
+def cache_kw(model, cache) -> dict:
+    """``cache=`` or ``past_key_values=``, as this transformers version wants it."""
+    return {lococo.patching.cache_kwarg(model): cache}
