@@ -8,8 +8,10 @@ convolution and alpha; optionally the embeddings and norms, and LoRA (r=8 on q/k
 linear RoPE scaling for context extension. AdamW without weight decay, one learning rate per
 group, linear decay without warm-up, gradient accumulation.
 
-Runs on one device as `lococo train ...` and on several with `accelerate launch -m lococo
-train ...` (accelerate's data parallelism; every process takes its own sequences).
+Runs on one device as `lococo train ...` and on several with accelerate's data parallelism,
+every process taking its own sequences: `accelerate launch --multi_gpu --num_processes N -m
+lococo train ...` (or, on CPUs, `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N -m lococo
+train ...`). An update takes batch_size * grad_accum * processes sequences.
 
 Writes into --output: the compressor (`save_pretrained`), `model/` when LLM weights were
 trained (LoRA merged), `log.jsonl` and `log.csv` (loss, learning rates, per-layer alpha),
