@@ -1,0 +1,109 @@
+"""The `lococo` command line: assets, train and eval.
+
+    lococo assets fetch [--only model,text,train-text,eval-text,<source>] [--force]
+    lococo assets status [--full]
+    lococo assets split [--output FILE] [--min-tokens N]
+    lococo train --output DIR [...]          (see `lococo train --help`)
+    lococo eval --compressor DIR [...]       (see `lococo eval --help`)
+
+Heavy modules (torch, transformers) are imported only by the command that needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _add_cache(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache", default=None,
+                        help="asset cache folder (default: $LOCOCO_CACHE or ~/.cache/lococo)")
+
+
+def _assets_fetch(args) -> int:
+    from . import assets
+
+    only = [item for part in (args.only or []) for item in part.split(",") if item]
+    summary = assets.fetch(args.cache, only or None, force=args.force)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _assets_status(args) -> int:
+    from . import assets
+
+    report = assets.status(args.cache, full=args.full)
+    print(json.dumps(report, indent=1))
+    return 0 if all(v.get("ok") for v in report.values() if isinstance(v, dict)) else 1
+
+
+def _assets_split(args) -> int:
+    from . import assets
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(assets.model_dir(args.cache))
+    split = assets.build_split(tokenizer, args.cache, min_tokens=args.min_tokens)
+    assets.write_split(split, args.output)
+    print(f"{args.output}: " + ", ".join(f"{p} {len(split[p])} documents "
+                                         f"({sum(d['tokens'] for d in split[p]) / 1e6:.1f}M tokens)"
+                                         for p in ("train", "dev", "test")))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lococo", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    assets_parser = commands.add_parser("assets", help="the real model and text (offline cache)")
+    assets_commands = assets_parser.add_subparsers(dest="assets_command", required=True)
+    fetch = assets_commands.add_parser(
+        "fetch", help="download, verify and convert the model and the documents (idempotent)")
+    _add_cache(fetch)
+    fetch.add_argument("--only", action="append", metavar="WHAT",
+                       help="model, text, train-text, eval-text or a source name; comma "
+                            "separated or repeated (default: model and text)")
+    fetch.add_argument("--force", action="store_true", help="fetch again even when present")
+    fetch.set_defaults(func=_assets_fetch)
+    status = assets_commands.add_parser("status", help="what is cached and whether it verifies")
+    _add_cache(status)
+    status.add_argument("--full", action="store_true", help="check SHA-256 of every file")
+    status.set_defaults(func=_assets_status)
+    split = assets_commands.add_parser(
+        "split", help="rebuild the train/dev/test document split from the cache (maintainers)")
+    _add_cache(split)
+    from .assets import SPLITS_FILE
+    split.add_argument("--output", default=str(SPLITS_FILE), help="where to write the split")
+    split.add_argument("--min-tokens", type=int, default=4096, help="shortest document kept")
+    split.set_defaults(func=_assets_split)
+
+    from . import evaluate, train
+    train_parser = commands.add_parser("train", help="train the compressors on a frozen LLM",
+                                       description=train.__doc__,
+                                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_arguments(train_parser)
+    train_parser.set_defaults(func=train.main)
+    eval_parser = commands.add_parser("eval", help="perplexity by position: full cache, LoCoCo, "
+                                      "H2O, StreamingLLM", description=evaluate.__doc__,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    evaluate.add_arguments(eval_parser)
+    eval_parser.set_defaults(func=evaluate.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .assets import AssetError
+
+    try:
+        return int(args.func(args) or 0)
+    except AssetError as exc:
+        print(f"lococo: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

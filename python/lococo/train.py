@@ -1,0 +1,501 @@
+"""Train LoCoCo compressors on a frozen causal LM (the original recipe, SPEC section 6).
+
+Sequences of chunk_size * chunks_per_seq tokens are cut from the training documents and run
+chunk by chunk through the compressing cache. Each chunk has its own loss and its own
+backward; the cache is detached between chunks (one-chunk truncated backprop), so the loss of
+a chunk trains the compression that built the slots it attends to. Trainable: every layer's
+convolution and alpha; optionally the embeddings and norms, and LoRA (r=8 on q/k/v/o) with
+linear RoPE scaling for context extension. AdamW without weight decay, one learning rate per
+group, linear decay without warm-up, gradient accumulation.
+
+Runs on one device as `lococo train ...` and on several with accelerate's data parallelism,
+every process taking its own sequences: `accelerate launch --multi_gpu --num_processes N -m
+lococo train ...` (or, on CPUs, `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N -m lococo
+train ...`). An update takes batch_size * grad_accum * processes sequences.
+
+Writes into --output: the compressor (`save_pretrained`), `model/` when LLM weights were
+trained (LoRA merged), `log.jsonl` and `log.csv` (loss, learning rates, per-layer alpha),
+`loss.png`, `train_args.json`, and `checkpoints/step-N/` (trainable weights, optimizer,
+scheduler, data position, RNG) from which a run started with the same --output resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+
+DEFAULT_LR = {"compressor": 5e-2, "embed_norm": 2.5e-4, "lora": 5e-5}
+CHECKPOINT_RE = re.compile(r"step-(\d+)$")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("model and data")
+    data.add_argument("--output", required=True, help="output folder (also resumes from it)")
+    data.add_argument("--model", default=None,
+                      help="a from_pretrained folder (default: the fetched SmolLM2-135M)")
+    data.add_argument("--cache", default=None, help="asset cache folder")
+    data.add_argument("--docs", nargs="+", metavar="FILE",
+                      help="train on these plain-text files instead of the split's train documents")
+    data.add_argument("--split-file", default=None, help="a splits.json (default: the packaged one)")
+    data.add_argument("--max-docs", type=int, default=None, help="use only the first N documents")
+    data.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                      help="dtype of the frozen LLM")
+
+    lococo = parser.add_argument_group("compressor (SPEC section 1)")
+    lococo.add_argument("--num-slots", "-M", type=int, default=128, help="M")
+    lococo.add_argument("--chunk-size", "-B", type=int, default=128, help="B")
+    lococo.add_argument("--rho", type=float, default=0.5)
+    lococo.add_argument("--beta", type=int, default=16)
+    lococo.add_argument("--kernel-size", type=int, default=21)
+    lococo.add_argument("--num-local", type=int, default=0)
+    lococo.add_argument("--alpha-init", type=float, default=0.5)
+    lococo.add_argument("--init-std", type=float, default=1.0)
+
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--chunks-per-seq", "-P", type=int, default=32,
+                     help="P: sequences are B * P tokens")
+    opt.add_argument("--steps", type=int, default=200, help="optimizer updates")
+    opt.add_argument("--batch-size", type=int, default=1,
+                     help="sequences per forward and process (the original code used 1)")
+    opt.add_argument("--grad-accum", type=int, default=1,
+                     help="forwards per update and process; an update takes batch_size * "
+                          "grad_accum * processes sequences")
+    opt.add_argument("--lr", type=float, default=DEFAULT_LR["compressor"], help="conv and alpha")
+    opt.add_argument("--train-embed-norm", action="store_true",
+                     help="also train the embeddings and the norms")
+    opt.add_argument("--lr-embed-norm", type=float, default=DEFAULT_LR["embed_norm"])
+    opt.add_argument("--lora", action="store_true", help="also train LoRA r=8 on q/k/v/o")
+    opt.add_argument("--lora-rank", type=int, default=8)
+    opt.add_argument("--lr-lora", type=float, default=DEFAULT_LR["lora"])
+    opt.add_argument("--rope-scaling", type=float, default=None, metavar="FACTOR",
+                     help="linear RoPE scaling factor (context extension)")
+    opt.add_argument("--max-grad-norm", type=float, default=None,
+                     help="clip the gradient norm (the original recipe does not)")
+    opt.add_argument("--seed", type=int, default=0)
+
+    out = parser.add_argument_group("logging and checkpoints")
+    out.add_argument("--save-every", type=int, default=50, help="checkpoint every N updates")
+    out.add_argument("--keep-checkpoints", type=int, default=2)
+    out.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
+    out.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+
+
+# ----------------------------------------------------------------------------------------
+# Data: windows of B * P tokens cut from documents, in a seeded order
+# ----------------------------------------------------------------------------------------
+
+class TokenWindows:
+    """Non-overlapping windows of seq_len tokens from every document, shuffled by seed.
+
+    Window i of the order is the same on every run and process, so a run that resumes at a
+    sequence count reads exactly the sequences it would have read. Documents are tokenized on
+    first use (the split records their token counts, so nothing is tokenized up front).
+    """
+
+    def __init__(self, documents: list[tuple[str, int]], read, tokenizer, seq_len: int,
+                 seed: int):
+        self.read, self.tokenizer, self.seq_len = read, tokenizer, seq_len
+        self.windows = [(doc, start) for doc, tokens in documents
+                        for start in range(0, tokens - seq_len + 1, seq_len)]
+        if not self.windows:
+            raise ValueError(f"no document has {seq_len} tokens (chunk_size * chunks_per_seq)")
+        random.Random(seed).shuffle(self.windows)
+        self._doc, self._ids = None, None
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int):
+        import torch
+
+        doc, start = self.windows[index % len(self.windows)]
+        if doc != self._doc:
+            text = self.read(doc)
+            self._doc = doc
+            self._ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        ids = self._ids[start:start + self.seq_len]
+        if len(ids) < self.seq_len:
+            raise ValueError(f"{doc} has fewer tokens than recorded; the split does not match "
+                             "this tokenizer or document")
+        return torch.tensor(ids, dtype=torch.long)
+
+
+def training_documents(args, tokenizer) -> tuple[list[tuple[str, int]], object]:
+    """(document, token count) pairs and a function that reads a document's text."""
+    from . import assets
+
+    if args.docs:
+        texts = {path: Path(path).read_text(encoding="utf-8", errors="replace")
+                 for path in args.docs}
+        docs = [(path, len(tokenizer(text, add_special_tokens=False).input_ids))
+                for path, text in texts.items()]
+        return docs[:args.max_docs], texts.__getitem__
+    split = assets.load_split(args.split_file)
+    docs = [(doc.id, doc.tokens) for doc in split.train][:args.max_docs]
+    assets.document_path(docs[0][0], args.cache)  # a clear error now if the text is missing
+    return docs, lambda doc_id: assets.read_document(doc_id, args.cache)
+
+
+# ----------------------------------------------------------------------------------------
+# Model, compressor and parameter groups
+# ----------------------------------------------------------------------------------------
+
+def load_llm(args):
+    """The frozen LLM and its tokenizer, with linear RoPE scaling when asked."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from . import assets
+
+    path = args.model or assets.model_dir(args.cache)
+    config = AutoConfig.from_pretrained(path)
+    if args.rope_scaling:
+        rope = dict(getattr(config, "rope_parameters", None) or {})
+        rope.update({"rope_type": "linear", "factor": float(args.rope_scaling)})
+        config.rope_parameters = rope
+        config.max_position_embeddings = int(config.max_position_embeddings * args.rope_scaling)
+    model = AutoModelForCausalLM.from_pretrained(path, config=config,
+                                                 dtype=getattr(torch, args.dtype))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def lococo_config(args):
+    from .config import LoCoCoConfig
+
+    return LoCoCoConfig(num_slots=args.num_slots, rho=args.rho, beta=args.beta,
+                        kernel_size=args.kernel_size, num_local=args.num_local,
+                        alpha_init=args.alpha_init, init_std=args.init_std,
+                        chunk_size=args.chunk_size)
+
+
+def param_groups(model, compressor, args) -> list[dict]:
+    """AdamW groups: the compressor, then optionally embeddings+norms and LoRA; no decay."""
+    groups = [{"name": "compressor", "params": list(compressor.parameters()), "lr": args.lr,
+               "weight_decay": 0.0}]
+    if args.train_embed_norm:
+        chosen = [p for name, p in model.named_parameters()
+                  if "embed_tokens" in name or re.search(r"norm", name)]
+        for p in chosen:
+            p.requires_grad_(True)
+        groups.append({"name": "embed_norm", "params": chosen, "lr": args.lr_embed_norm,
+                       "weight_decay": 0.0})
+    if args.lora:
+        lora = [p for name, p in model.named_parameters() if "lora_" in name]
+        for p in lora:
+            p.requires_grad_(True)
+        groups.append({"name": "lora", "params": lora, "lr": args.lr_lora, "weight_decay": 0.0})
+    for group in groups:
+        if not group["params"]:
+            raise ValueError(f"parameter group {group['name']} is empty")
+    return groups
+
+
+def add_lora(model, rank: int):
+    """LoRA adapters injected in place (the model keeps its class)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    return inject_adapter_in_model(config, model)
+
+
+def merge_lora(model) -> None:
+    """Fold the LoRA adapters into the base weights and remove them (for save_pretrained)."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, module.get_base_layer())
+
+
+def make_train_module(model, compressor):
+    """One module holding the LLM and the compressor; its forward is the LLM's.
+
+    Data parallelism wraps this module, so that the compressor's gradients are averaged across
+    processes although the LLM reaches the compressor only through the cache. It takes the
+    cache under either keyword ("cache" or "past_key_values": a wrapper's signature does not
+    say which the LLM wants) and hands it on under the LLM's.
+    """
+    import torch
+
+    from .patching import cache_kwarg
+
+    name = cache_kwarg(model)
+
+    class LoCoCoTrainModule(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.llm, self.compressor = model, compressor
+
+        def forward(self, input_ids, past_key_values=None, cache=None, **kwargs):
+            kwargs[name] = cache if cache is not None else past_key_values
+            return self.llm(input_ids=input_ids, **kwargs)
+
+    return LoCoCoTrainModule()
+
+
+def sequence_losses(module, inner, ids, chunk_size: int, backward) -> list[float]:
+    """Sequences [batch, B * P] chunk by chunk through a fresh LoCoCo cache.
+
+    Each chunk's loss is back-propagated at once (``backward(loss, last_chunk)``); the cache
+    is detached after every chunk (``lococo.iter_chunks``), so the graph of a chunk reaches
+    the compression that built its slots but not the chunks before.
+    """
+    from .baselines import build_cache
+    from .chunked import iter_chunks
+
+    cache = build_cache("lococo", inner.llm, inner.compressor)
+    losses = []
+    for chunk in iter_chunks(module, ids, cache, chunk_size):
+        if chunk.loss.requires_grad:  # chunks before the first compression train nothing
+            backward(chunk.loss, chunk.stop == ids.shape[1])
+        losses.append(float(chunk.loss.detach()))
+    return losses
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------
+
+def trainable_state(model, compressor) -> dict:
+    state = {f"compressor.{k}": v.detach().clone() for k, v in compressor.state_dict().items()}
+    state.update({f"model.{n}": p.detach().clone() for n, p in model.named_parameters()
+                  if p.requires_grad})
+    return state
+
+
+def load_trainable_state(model, compressor, state: dict) -> None:
+    import torch
+
+    own = dict(model.named_parameters())
+    comp = {k[len("compressor."):]: v for k, v in state.items() if k.startswith("compressor.")}
+    compressor.load_state_dict(comp)
+    with torch.no_grad():
+        for key, value in state.items():
+            if key.startswith("model."):
+                own[key[len("model."):]].copy_(value)
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    found = [(int(m.group(1)), p) for p in (output / "checkpoints").glob("step-*")
+             if (m := CHECKPOINT_RE.search(p.name)) and (p / "state.pt").is_file()]
+    return max(found)[1] if found else None
+
+
+def save_checkpoint(output: Path, step: int, sequences: int, model, compressor, optimizer,
+                    scheduler, keep: int) -> Path:
+    import torch
+
+    folder = output / "checkpoints" / f"step-{step}"
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save({"step": step, "sequences": sequences,
+                "trainable": trainable_state(model, compressor),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+                        else None}},
+               tmp / "state.pt")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)  # a checkpoint exists only once it is complete
+    olds = sorted((int(m.group(1)), p) for p in folder.parent.glob("step-*")
+                  if (m := CHECKPOINT_RE.search(p.name)))
+    for _, old in olds[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------
+# Logs and plot
+# ----------------------------------------------------------------------------------------
+
+def truncate_log(output: Path, step: int) -> None:
+    """After a resume, drop log rows written after the checkpoint."""
+    path = output / "log.jsonl"
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines()
+                if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(row + "\n" for row in rows))
+
+
+def write_csv_and_plot(output: Path) -> None:
+    rows = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines() if line]
+    if not rows:
+        return
+    num_layers = len(rows[0]["alpha"])
+    with open(output / "log.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        lr_names = sorted(rows[0]["lr"])
+        writer.writerow(["step", "sequences", "tokens", "loss", "grad_norm", "seconds"]
+                        + [f"lr_{n}" for n in lr_names] + [f"alpha_{i}" for i in range(num_layers)])
+        for r in rows:
+            writer.writerow([r["step"], r["sequences"], r["tokens"], r["loss"], r["grad_norm"],
+                             r["seconds"]] + [r["lr"][n] for n in lr_names] + r["alpha"])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_alpha) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [r["step"] for r in rows]
+    ax_loss.plot(steps, [r["loss"] for r in rows], lw=1)
+    ax_loss.set(xlabel="update", ylabel="loss (mean over chunks)", title="training loss")
+    ax_loss.grid(alpha=0.3)
+    for layer in range(num_layers):
+        ax_alpha.plot(steps, [r["alpha"][layer] for r in rows], lw=0.8,
+                      color=plt.cm.viridis(layer / max(1, num_layers - 1)))
+    ax_alpha.set(xlabel="update", ylabel="alpha", title="alpha per layer (dark = first layer)")
+    ax_alpha.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(output / "loss.png", dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------
+
+def main(args) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from .compressor import LoCoCoCompressor
+    from .patching import apply_lococo, remove_lococo
+
+    output = Path(args.output)
+    # Several backward calls per sequence, and the first chunks of a sequence do not reach the
+    # compressor (nothing to compress yet): DDP must accept parameters without gradients.
+    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(
+        find_unused_parameters=True)])
+    set_seed(args.seed)
+
+    model, tokenizer = load_llm(args)
+    config = lococo_config(args)
+    if args.lora:
+        model = add_lora(model, args.lora_rank)
+    compressor = LoCoCoCompressor.for_model(model, config)
+    compressor.requires_grad_(True)
+    apply_lococo(model, compressor)
+    groups = param_groups(model, compressor, args)
+
+    seq_len = args.chunk_size * args.chunks_per_seq
+    if (args.chunks_per_seq - 1) * args.chunk_size <= args.num_slots + args.beta:
+        raise SystemExit(f"lococo train: sequences of {args.chunks_per_seq} chunks of "
+                         f"{args.chunk_size} tokens never overflow M + beta = "
+                         f"{args.num_slots + args.beta} before their last chunk; raise "
+                         "--chunks-per-seq")
+    docs, read = training_documents(args, tokenizer)
+    windows = TokenWindows(docs, read, tokenizer, seq_len, args.seed)
+
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: max(0.0, 1.0 - step / args.steps))
+    module, optimizer = accelerator.prepare(make_train_module(model, compressor), optimizer)
+    inner = accelerator.unwrap_model(module)
+
+    step, sequences = 0, 0
+    ckpt = None if args.no_resume else latest_checkpoint(output)
+    if ckpt is not None:
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+        load_trainable_state(model, compressor, state["trainable"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        random.setstate(state["rng"]["python"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        step, sequences = state["step"], state["sequences"]
+        accelerator.print(f"resuming from {ckpt} (update {step})")
+    if accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        if ckpt is None:
+            (output / "log.jsonl").unlink(missing_ok=True)
+        truncate_log(output, step)
+        (output / "train_args.json").write_text(json.dumps(
+            {**{k: v for k, v in vars(args).items() if k != "func"},
+             "lococo_config": config.to_dict(), "world_size": accelerator.num_processes,
+             "train_windows": len(windows), "train_documents": len(docs)},
+            indent=1, default=str) + "\n")
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    chunks = args.chunks_per_seq
+    bar = tqdm(total=args.steps, initial=step, unit="update", desc="lococo train",
+               disable=args.no_progress or not accelerator.is_local_main_process)
+    module.train()
+    while step < args.steps:
+        started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        losses: list[float] = []
+        for micro in range(args.grad_accum):
+            first = sequences + (micro * world + rank) * args.batch_size
+            ids = torch.stack([windows[first + i] for i in range(args.batch_size)])
+            ids = ids.to(accelerator.device)
+            last_micro = micro == args.grad_accum - 1
+
+            def backward(loss, last_chunk, last_micro=last_micro):
+                # Gradients are averaged across processes once per update, on the last chunk.
+                scaled = loss / (args.grad_accum * chunks)
+                if last_chunk and last_micro:
+                    accelerator.backward(scaled)
+                else:
+                    with accelerator.no_sync(module):
+                        accelerator.backward(scaled)
+
+            losses += sequence_losses(module, inner, ids, args.chunk_size, backward)
+        grad_norm = None
+        if args.max_grad_norm:
+            grad_norm = float(accelerator.clip_grad_norm_(
+                [p for g in groups for p in g["params"]], args.max_grad_norm))
+        used_lr = {g["name"]: g["lr"] for g in optimizer.param_groups}
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        sequences += args.batch_size * args.grad_accum * world
+        loss = float(accelerator.reduce(
+            torch.tensor(sum(losses) / len(losses), device=accelerator.device), "mean"))
+        if accelerator.is_main_process:
+            row = {"step": step, "sequences": sequences, "tokens": sequences * seq_len,
+                   "loss": round(loss, 5), "grad_norm": grad_norm,
+                   "lr": used_lr,
+                   "alpha": [round(float(layer.alpha.detach()), 5) for layer in compressor.layers],
+                   "seconds": round(time.perf_counter() - started, 3)}
+            with open(output / "log.jsonl", "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+        bar.set_postfix(loss=f"{loss:.3f}")
+        bar.update(1)
+        if step % args.save_every == 0 or step == args.steps:
+            if accelerator.is_main_process:
+                save_checkpoint(output, step, sequences, model, compressor, optimizer,
+                                scheduler, args.keep_checkpoints)
+                write_csv_and_plot(output)
+            accelerator.wait_for_everyone()
+    bar.close()
+
+    if accelerator.is_main_process:
+        compressor.save_pretrained(output)
+        if args.lora or args.train_embed_norm:
+            remove_lococo(model)
+            if args.lora:
+                merge_lora(model)
+            model.save_pretrained(output / "model")
+            tokenizer.save_pretrained(output / "model")
+        write_csv_and_plot(output)
+        accelerator.print(f"compressor saved to {output}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0

