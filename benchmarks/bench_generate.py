@@ -141,13 +141,21 @@ def run_one(args) -> dict:
     }
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "cpu"
+
+
 def environment(args) -> str:
     import torch
     import transformers
 
     import lococo
 
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'cpu'}"
+    device = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
     return (f"{datetime.date.today()}, {device}, {os.cpu_count()} cores "
             f"({args.threads} torch threads), python {platform.python_version()}, torch {torch.__version__}, "
             f"transformers {transformers.__version__}, lococo {lococo.__version__} "

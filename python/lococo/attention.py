@@ -55,7 +55,8 @@ def _allowed_keys(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, 
         raise ValueError(f"the attention mask covers {attention_mask.shape[-1]} keys but there are {kv_len}")
     if attention_mask.dtype == torch.bool:
         return attention_mask
-    return attention_mask > torch.finfo(attention_mask.dtype).min / 2  # additive masks: 0 where allowed, the dtype's min elsewhere
+    # additive masks: 0 where allowed, the dtype's min (or -inf) elsewhere
+    return attention_mask > torch.finfo(attention_mask.dtype).min / 2
 
 
 def attention_scores(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -10,6 +10,11 @@ Padding: each row keeps its valid entries right-aligned (a suffix of the stored 
 what transformers' own 2D padding mask says about the last ``stored`` columns before the new
 ones, given ``get_mask_sizes`` = (stored + q, seen - stored). So the standard masks (any backend)
 see every slot, the new entries causally, and no pad. Left padding only.
+
+The trigger is per layer, as in SPEC 3: the stored length counts a row's padding, so a padded row
+is compressed on its batch's schedule. Its outputs equal those of the same row run alone with the
+same padding (the pads themselves never matter), and, until the first compression, those of the
+row run alone without padding.
 """
 
 from __future__ import annotations

@@ -111,7 +111,10 @@ def iter_chunks(model, input_ids: torch.Tensor, cache, chunk_size: int,
 
 def chunked_nll(model, input_ids: torch.Tensor, cache, chunk_size: int,
                 attention_mask: torch.Tensor | None = None, return_logits: bool = False) -> NLLOutput:
-    """Per-token NLL [b, T - 1] of ``input_ids`` through ``cache``, chunk by chunk (see ``iter_chunks``)."""
+    """Per-token NLL [b, T - 1] of ``input_ids`` through ``cache``, chunk by chunk (see ``iter_chunks``).
+
+    For evaluation, call it under ``torch.no_grad()``: otherwise every chunk's graph is kept.
+    """
     nlls, masks, logits = [], [], []
     for chunk in iter_chunks(model, input_ids, cache, chunk_size, attention_mask):
         nlls.append(chunk.nll)
