@@ -7,7 +7,8 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	$(PY) -m lococo.showcase
+	$(PY) -m lococo assets fetch
+	$(PY) -m lococo demo
 
 test: setup
 	$(PY) -m pytest -q tests

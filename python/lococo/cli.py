@@ -5,6 +5,7 @@
     lococo assets split [--output FILE] [--min-tokens N]
     lococo train --output DIR [...]          (see `lococo train --help`)
     lococo eval --compressor DIR [...]       (see `lococo eval --help`)
+    lococo demo [--tokens N]                 the full cache against LoCoCo on a real model
 
 Heavy modules (torch, transformers) are imported only by the command that needs them.
 """
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--min-tokens", type=int, default=4096, help="shortest document kept")
     split.set_defaults(func=_assets_split)
 
-    from . import evaluate, train
+    from . import demo, evaluate, train
     train_parser = commands.add_parser("train", help="train the compressors on a frozen LLM",
                                        description=train.__doc__,
                                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
     evaluate.add_arguments(eval_parser)
     eval_parser.set_defaults(func=evaluate.main)
+    demo_parser = commands.add_parser("demo", help="SmolLM2 on a long document: full cache vs "
+                                      "LoCoCo, then generation", description=demo.__doc__,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo.add_arguments(demo_parser)
+    demo_parser.set_defaults(func=demo.main)
     return parser
 
 

@@ -1,0 +1,111 @@
+"""`lococo demo`: SmolLM2-135M reads a long held-out document with the full cache and with a
+128-slot LoCoCo cache; perplexity and KV memory side by side, then a continuation generated
+from the fixed-size cache.
+
+Needs the assets (`python -m lococo assets fetch`, run by `make demo`) and runs offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from pathlib import Path
+
+PRETRAINED = Path(__file__).resolve().parent / "pretrained"
+DEFAULT_COMPRESSOR = PRETRAINED / "smollm2-135m-m128"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--doc", default=None,
+                        help="a document id of the split (default: the first held-out State of "
+                             "the Union speech long enough) or a plain-text file")
+    parser.add_argument("--tokens", type=int, default=3072, help="tokens of the document to read")
+    parser.add_argument("--compressor", default=str(DEFAULT_COMPRESSOR),
+                        help="a LoCoCoCompressor folder (default: the one shipped for SmolLM2)")
+    parser.add_argument("--generate", type=int, default=40, help="tokens to generate after it")
+    parser.add_argument("--cache", default=None, help="asset cache folder")
+
+
+def pick_document(args) -> tuple[str, str]:
+    from . import assets
+
+    if args.doc and Path(args.doc).is_file():
+        return args.doc, Path(args.doc).read_text(encoding="utf-8", errors="replace")
+    if args.doc:
+        return args.doc, assets.read_document(args.doc, args.cache)
+    held_out = sorted((d for d in assets.load_split()["test"]
+                       if d.source == "sotu" and d.tokens > args.tokens), key=lambda d: d.id)
+    if not held_out:
+        raise SystemExit(f"lococo demo: no held-out speech has more than {args.tokens} tokens")
+    return held_out[0].id, assets.read_document(held_out[0].id, args.cache)
+
+
+def buckets(losses: list[float], width: int = 1024) -> list[tuple[str, float]]:
+    """Perplexity per `width`-token span of target positions, then over everything."""
+    def kilo(n: int) -> str:
+        return f"{n // 1024}K" if n % 1024 == 0 else f"{n / 1024:.1f}K"
+
+    out = []
+    for lo in range(0, len(losses), width):
+        part = losses[lo:lo + width]
+        out.append((f"{kilo(lo)}-{kilo(lo + len(part))}", math.exp(sum(part) / len(part))))
+    out.append(("all", math.exp(sum(losses) / len(losses))))
+    return out
+
+
+def main(args) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from . import assets
+    from .baselines import build_cache
+    from .compressor import LoCoCoCompressor
+    from .evaluate import token_losses
+    from .patching import apply_lococo, cache_kwarg
+
+    torch.manual_seed(0)
+    model, tokenizer = assets.load_model(args.cache)
+    model.eval()
+    if not (Path(args.compressor) / "lococo_config.json").is_file():
+        raise SystemExit(f"lococo demo: no compressor at {args.compressor} (train one with "
+                         "`lococo train --output DIR` and pass --compressor DIR)")
+    compressor = LoCoCoCompressor.from_pretrained(args.compressor, model=model, dtype=torch.float32)
+    cfg = compressor.config
+    apply_lococo(model, compressor)
+
+    name, text = pick_document(args)
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids[:args.tokens]])
+    print(f"lococo demo: SmolLM2-135M-Instruct reads {ids.shape[1]} tokens of {name}")
+    print(f"  LoCoCo cache: M = {cfg.num_slots} slots per layer and KV head ({cfg.heavy_slots} "
+          f"heavy hitters + {cfg.fused_slots} fused), beta = {cfg.beta}, chunk = {cfg.chunk_size}\n")
+
+    results = {}
+    for method in ("full", "lococo"):
+        cache = build_cache(method, model, compressor if method == "lococo" else None)
+        start = time.perf_counter()
+        losses, peak_bytes, peak_entries = token_losses(model, ids, cache, cfg.chunk_size)
+        results[method] = (buckets(losses), peak_bytes, peak_entries, time.perf_counter() - start)
+
+    labels = [label for label, _ in results["full"][0]]
+    print(f"  {'cache':<14}" + "".join(f"{'ppl ' + label:>12}" for label in labels)
+          + f"{'peak KV':>12}{'entries':>10}{'tok/s':>8}")
+    for method, title in (("full", "full (Dynamic)"), ("lococo", f"LoCoCo M={cfg.num_slots}")):
+        ppl, peak_bytes, peak_entries, seconds = results[method]
+        print(f"  {title:<14}" + "".join(f"{value:>12.2f}" for _, value in ppl)
+              + f"{peak_bytes / 2**20:>9.1f} MiB{peak_entries:>10}{ids.shape[1] / seconds:>8.1f}")
+    ratio = results["full"][1] / results["lococo"][1]
+    print(f"\n  KV memory: LoCoCo holds {ratio:.1f}x less, and stays at this size for any length.")
+
+    if args.generate > 0:
+        cache = build_cache("lococo", model, compressor)
+        with torch.no_grad():
+            token_losses(model, ids[:, :-1], cache, cfg.chunk_size)  # read all but the last token
+            out = model.generate(ids, max_new_tokens=args.generate, do_sample=False,
+                                 **{cache_kwarg(model): cache})
+        tail = tokenizer.decode(ids[0, -60:])
+        continuation = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        print(f"\n  ...{tail}\n  >>> continued from the {cfg.num_slots}-slot cache "
+              f"({cache.get_seq_length()} tokens seen):\n  {continuation}")
+    return 0
