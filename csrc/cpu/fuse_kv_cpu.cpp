@@ -6,7 +6,12 @@
 #include <torch/library.h>
 
 #include "../fuse_kv_checks.h"
+#include "conv_dft.h"
 #include "fuse_kv_row.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 namespace lococo {
 namespace {
@@ -59,6 +64,20 @@ Prepared prepare(const FuseKvShape& s, const at::Tensor& scores, const at::Tenso
   return p;
 }
 
+// Direct (im2col GEMM) or DFT-domain convolution: LOCOCO_CPU_CONV=direct|dft forces one (tests
+// cover both), auto takes the DFT when it needs at most half the flops of the direct one.
+bool use_dft(const std::vector<int64_t>& lengths, const cpu::Dims& dm) {
+  const char* mode = std::getenv("LOCOCO_CPU_CONV");
+  if (mode != nullptr && std::strcmp(mode, "direct") == 0) return false;
+  if (mode != nullptr && std::strcmp(mode, "dft") == 0) return true;
+  TORCH_CHECK(mode == nullptr || std::strcmp(mode, "auto") == 0,
+              "LOCOCO_CPU_CONV must be auto, direct or dft, got ", mode);
+  double direct = 0;
+  for (int64_t n : lengths) direct += 2.0 * n * dm.kernel * dm.channels() * dm.num_fused;
+  const auto plan = cpu::plan_dft(*std::max_element(lengths.begin(), lengths.end()), dm.kernel);
+  return 2 * cpu::dft_flops(plan, lengths, dm.num_fused, dm.channels()) < direct;
+}
+
 std::tuple<at::Tensor, at::Tensor> fuse_kv_cpu(
     const at::Tensor& mem_k, const at::Tensor& mem_v, const at::Tensor& new_k,
     const at::Tensor& new_v, const at::Tensor& scores, const at::Tensor& weight,
@@ -80,15 +99,51 @@ std::tuple<at::Tensor, at::Tensor> fuse_kv_cpu(
     const Acc* bias_ptr = p.bias.defined() ? p.bias.data_ptr<Acc>() : nullptr;
     const Acc alpha_v = p.alpha.item<Acc>();
     const int64_t* start = p.start.data_ptr<int64_t>();
-    at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
-      cpu::Workspace<Acc> ws;
-      AtenGemm<Acc> gemm;
+    const int64_t rows = s.batch * s.heads, out_stride = s.slots() * s.d;
+    T* out_k_ptr = out_k.data_ptr<T>();
+    T* out_v_ptr = out_v.data_ptr<T>();
+    std::vector<cpu::Workspace<Acc>> ws(rows);
+    std::vector<char> pending(rows, 0);
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / s.heads, h = r % s.heads;
-        cpu::fuse_row(row_of<T>(mem_k, new_k, b, h), row_of<T>(mem_v, new_v, b, h),
-                      p.scores.data_ptr<double>() + r * s.length(), start[b], wt, bias_ptr,
-                      alpha_v, dm, out_k.data_ptr<T>() + r * s.slots() * s.d,
-                      out_v.data_ptr<T>() + r * s.slots() * s.d, ws, gemm);
+        pending[r] = cpu::begin_row(row_of<T>(mem_k, new_k, b, h), row_of<T>(mem_v, new_v, b, h),
+                                    p.scores.data_ptr<double>() + r * s.length(), start[b], dm,
+                                    out_k_ptr + r * out_stride, out_v_ptr + r * out_stride, ws[r]);
+      }
+    });
+    // The convolution scores of every row still pending, by the cheaper of the two algorithms.
+    std::vector<int64_t> todo, lengths;
+    for (int64_t r = 0; r < rows; ++r) {
+      if (pending[r]) {
+        todo.push_back(r);
+        lengths.push_back(static_cast<int64_t>(ws[r].sel.rest.size()));
+      }
+    }
+    if (todo.empty()) return;
+    AtenGemm<Acc> gemm;
+    if (use_dft(lengths, dm)) {
+      std::vector<const Acc*> xs;
+      std::vector<Acc*> zs;
+      for (int64_t r : todo) {
+        ws[r].probs.resize(ws[r].sel.rest.size() * dm.num_fused);
+        xs.push_back(ws[r].x.data());
+        zs.push_back(ws[r].probs.data());
+      }
+      const auto w_taps = weight.to(c10::CppTypeToScalarType<Acc>::value).permute({2, 0, 1}).contiguous();
+      const auto plan = cpu::plan_dft(*std::max_element(lengths.begin(), lengths.end()), dm.kernel);
+      cpu::conv_dft(plan, xs, lengths, w_taps.data_ptr<Acc>(), dm.num_fused, dm.channels(), zs, gemm,
+                    [](int64_t b, int64_t e, const auto& fn) { at::parallel_for(b, e, 1, fn); });
+    } else {
+      at::parallel_for(0, static_cast<int64_t>(todo.size()), 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) cpu::conv_direct(wt, dm, ws[todo[i]], gemm);
+      });
+    }
+    at::parallel_for(0, static_cast<int64_t>(todo.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t r = todo[i];
+        cpu::finish_row(bias_ptr, alpha_v, dm, out_k_ptr + r * out_stride,
+                        out_v_ptr + r * out_stride, ws[r], gemm);
       }
     });
   });

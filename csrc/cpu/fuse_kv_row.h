@@ -92,7 +92,6 @@ template <typename Acc>
 struct Workspace {
   Selection sel;
   std::vector<Acc> x;       // [N, 2d]      the rest's [K ; V]
-  std::vector<Acc> cols;    // [N, k * 2d]  im2col of x with "same" zero padding
   std::vector<Acc> probs;   // [N, C]       P transposed
   std::vector<char> active; // [N, C]       pre-ReLU score > 0
   std::vector<Acc> fused;   // [C, 2d]
@@ -113,12 +112,11 @@ void keep_all(const RowCache<T>& keys, const RowCache<T>& values, int64_t start,
   }
 }
 
-// Steps 4-5: x, its im2col, and P = softmax(relu(conv(x))) over the rest's positions.
-template <typename T, typename Acc, typename Gemm>
-void conv_probs(const RowCache<T>& keys, const RowCache<T>& values, const Acc* wt, const Acc* bias,
-                const Dims& dm, Workspace<Acc>& ws, Gemm& gemm) {
-  const int64_t N = static_cast<int64_t>(ws.sel.rest.size()), C = dm.num_fused;
-  const int64_t ch = dm.channels(), taps = dm.kernel, pad = dm.pad(), d = dm.d;
+// Step 4: x = [K_R ; V_R] of the rest, [N, 2d], in the accumulation type.
+template <typename T, typename Acc>
+void gather_rest(const RowCache<T>& keys, const RowCache<T>& values, const Dims& dm,
+                 Workspace<Acc>& ws) {
+  const int64_t N = static_cast<int64_t>(ws.sel.rest.size()), ch = dm.channels(), d = dm.d;
   ws.x.resize(N * ch);
   for (int64_t i = 0; i < N; ++i) {
     const int64_t j = ws.sel.rest[i];
@@ -127,18 +125,30 @@ void conv_probs(const RowCache<T>& keys, const RowCache<T>& values, const Acc* w
       ws.x[i * ch + d + c] = static_cast<Acc>(values.at(j, c));
     }
   }
-  ws.cols.assign(N * taps * ch, Acc(0));
+}
+
+// Step 5a, direct: Z^T [N, C] = im2col(x) [N, k * 2d] @ wt [k * 2d, C], into ws.probs.
+template <typename Acc, typename Gemm>
+void conv_direct(const Acc* wt, const Dims& dm, Workspace<Acc>& ws, Gemm& gemm) {
+  const int64_t N = static_cast<int64_t>(ws.sel.rest.size()), C = dm.num_fused;
+  const int64_t ch = dm.channels(), taps = dm.kernel, pad = dm.pad();
+  std::vector<Acc> cols(N * taps * ch, Acc(0));  // transient: k times the size of x
   for (int64_t i = 0; i < N; ++i) {
     for (int64_t t = 0; t < taps; ++t) {
       const int64_t src = i + t - pad;
       if (src >= 0 && src < N) {
-        std::memcpy(&ws.cols[(i * taps + t) * ch], &ws.x[src * ch], ch * sizeof(Acc));
+        std::memcpy(&cols[(i * taps + t) * ch], &ws.x[src * ch], ch * sizeof(Acc));
       }
     }
   }
   ws.probs.resize(N * C);
-  gemm(false, false, N, C, taps * ch, ws.cols.data(), taps * ch, wt, C, Acc(0), ws.probs.data(), C);
+  gemm(false, false, N, C, taps * ch, cols.data(), taps * ch, wt, C, Acc(0), ws.probs.data(), C);
+}
 
+// Step 5b: bias, ReLU and the softmax over positions of each slot (a column of Z^T), in place.
+template <typename Acc>
+void relu_softmax(const Acc* bias, const Dims& dm, Workspace<Acc>& ws) {
+  const int64_t N = static_cast<int64_t>(ws.sel.rest.size()), C = dm.num_fused;
   ws.active.resize(N * C);
   std::vector<Acc> col_max(C, Acc(0)), col_sum(C, Acc(0));  // relu output is >= 0
   for (int64_t i = 0; i < N; ++i) {
@@ -164,27 +174,46 @@ void conv_probs(const RowCache<T>& keys, const RowCache<T>& values, const Acc* w
   }
 }
 
-// The whole forward of one row: out_k/out_v are [H + C, d] contiguous.
+// Steps 4-5 for one row with the direct convolution (the backward's recomputation).
 template <typename T, typename Acc, typename Gemm>
-void fuse_row(const RowCache<T>& keys, const RowCache<T>& values, const double* scores,
-              int64_t start, const Acc* wt, const Acc* bias, Acc alpha, const Dims& dm,
-              T* out_k, T* out_v, Workspace<Acc>& ws, Gemm& gemm) {
-  const int64_t L = keys.length(), H = dm.num_heavy, C = dm.num_fused, d = dm.d;
-  const int64_t ch = dm.channels();
+void conv_probs(const RowCache<T>& keys, const RowCache<T>& values, const Acc* wt, const Acc* bias,
+                const Dims& dm, Workspace<Acc>& ws, Gemm& gemm) {
+  gather_rest(keys, values, dm, ws);
+  conv_direct(wt, dm, ws, gemm);
+  relu_softmax(bias, dm, ws);
+}
+
+// Forward, first part: selection, the heavy hitters, and x. Returns false when the row is done
+// (fewer than H + C valid entries, or nothing to fuse); otherwise the caller computes Z^T into
+// ws.probs (conv_direct or the DFT path) and calls finish_row.
+template <typename T, typename Acc>
+bool begin_row(const RowCache<T>& keys, const RowCache<T>& values, const double* scores,
+               int64_t start, const Dims& dm, T* out_k, T* out_v, Workspace<Acc>& ws) {
+  const int64_t L = keys.length(), H = dm.num_heavy, d = dm.d;
+  ws.sel.rest.clear();
   if (L - start < dm.slots()) {
     keep_all(keys, values, start, dm, out_k, out_v);
-    return;
+    return false;
   }
-  select_entries(scores, L, start, H, dm.num_local, C, ws.sel);
+  select_entries(scores, L, start, H, dm.num_local, dm.num_fused, ws.sel);
   for (int64_t s = 0; s < H; ++s) {
     for (int64_t c = 0; c < d; ++c) {
       out_k[s * d + c] = keys.at(ws.sel.heavy[s], c);
       out_v[s * d + c] = values.at(ws.sel.heavy[s], c);
     }
   }
-  if (C == 0) return;
-  conv_probs(keys, values, wt, bias, dm, ws, gemm);
-  const int64_t N = static_cast<int64_t>(ws.sel.rest.size());
+  if (dm.num_fused == 0) return false;
+  gather_rest(keys, values, dm, ws);
+  return true;
+}
+
+// Forward, second part: P from Z^T, then the fused slots (steps 6-8).
+template <typename T, typename Acc, typename Gemm>
+void finish_row(const Acc* bias, Acc alpha, const Dims& dm, T* out_k, T* out_v,
+                Workspace<Acc>& ws, Gemm& gemm) {
+  const int64_t N = static_cast<int64_t>(ws.sel.rest.size()), C = dm.num_fused;
+  const int64_t H = dm.num_heavy, d = dm.d, ch = dm.channels();
+  relu_softmax(bias, dm, ws);
   ws.fused.resize(C * ch);
   gemm(true, false, C, ch, N, ws.probs.data(), C, ws.x.data(), ch, Acc(0), ws.fused.data(), ch);
   for (int64_t s = 0; s < C; ++s) {

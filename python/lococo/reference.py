@@ -62,6 +62,8 @@ def _compress_rows(keys, values, scores, valid, weight, bias, alpha, num_heavy, 
         best = rank_order(scores, valid & ~local)[:, : H - l]
         heavy.scatter_(1, best, True)
     heavy_idx = torch.sort(torch.where(heavy, pos, L), dim=-1).values[:, :H]   # cache order
+    if C == 0:  # nothing to fuse: pure top-H selection
+        return _take(keys, heavy_idx), _take(values, heavy_idx)
 
     # 2. The rest, left-aligned in cache order; slots past each row's count are padding.
     rest = valid & ~heavy
@@ -69,8 +71,8 @@ def _compress_rows(keys, values, scores, valid, weight, bias, alpha, num_heavy, 
     rest_idx = torch.sort(torch.where(rest, pos, L), dim=-1).values[:, : L - H]
     in_rest = torch.arange(L - H, device=keys.device) < n_rest.unsqueeze(-1)
     rest_idx = torch.where(in_rest, rest_idx, 0)
-    k_rest = _take(keys, rest_idx) * in_rest.unsqueeze(-1)
-    v_rest = _take(values, rest_idx) * in_rest.unsqueeze(-1)
+    k_rest = _take(keys, rest_idx).masked_fill(~in_rest.unsqueeze(-1), 0)
+    v_rest = _take(values, rest_idx).masked_fill(~in_rest.unsqueeze(-1), 0)
     s_rest = scores.gather(1, rest_idx)
 
     # 3. Residual picks: the best C of the rest, by position, as a one-hot matrix.
@@ -128,8 +130,8 @@ def fuse_kv(
     src = torch.arange(M, device=keys.device) + (L - M)      # slot j holds entry L - M + j
     src_ok = (src >= L - n_valid.unsqueeze(-1)) & (src >= 0)
     src = src.clamp(min=0).expand(b * h, M)
-    keys_out = _take(keys, src) * src_ok.unsqueeze(-1)
-    values_out = _take(values, src) * src_ok.unsqueeze(-1)
+    keys_out = _take(keys, src).masked_fill(~src_ok.unsqueeze(-1), 0)
+    values_out = _take(values, src).masked_fill(~src_ok.unsqueeze(-1), 0)
 
     rows = torch.nonzero(~keep).flatten()
     if rows.numel() > 0:

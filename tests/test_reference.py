@@ -1,0 +1,96 @@
+"""lococo.reference against SPEC section 2, checked from first principles on small cases."""
+
+import torch
+import torch.nn.functional as F
+
+import lococo
+from lococo import reference
+
+from fuse_kv_samples import Case, make_args
+
+
+def cache_of(args):
+    mem_k, mem_v, new_k, new_v = args[:4]
+    return torch.cat([mem_k, new_k], 2), torch.cat([mem_v, new_v], 2)
+
+
+def test_alpha_zero_keeps_the_top_m_entries(seed):
+    args = make_args(Case(2, 3, 15, 6, 8, 5, 7, 5, alpha=0.0), "cpu", torch.float64, seed)
+    keys, values = cache_of(args)
+    out_k, out_v = reference.fuse_kv(*args)
+    scores = args[4]
+    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
+    heavy = order[..., :7].sort(-1).values
+    picks = order[..., 7:12].sort(-1).values  # the best C of the rest
+    want = torch.cat([heavy, picks], -1).unsqueeze(-1).expand(-1, -1, -1, 8)
+    torch.testing.assert_close(out_k, keys.gather(2, want), rtol=0, atol=0)
+    torch.testing.assert_close(out_v, values.gather(2, want), rtol=0, atol=0)
+
+
+def test_pure_convolution_is_softmax_of_relu_conv(seed):
+    case = Case(1, 2, 11, 6, 4, 6, 0, 21, alpha=1.0, scores="zeros")
+    args = make_args(case, "cpu", torch.float64, seed)
+    keys, values = cache_of(args)
+    weight, bias = args[5], args[6]
+    out_k, out_v = reference.fuse_kv(*args)
+    for h in range(2):
+        x = torch.cat([keys[0, h], values[0, h]], -1).T              # [2d, L]
+        z = F.relu(F.conv1d(x[None], weight, bias, padding=10))[0]  # [C, L]
+        p = torch.softmax(z, -1)
+        torch.testing.assert_close(out_k[0, h], p @ keys[0, h])
+        torch.testing.assert_close(out_v[0, h], p @ values[0, h])
+        torch.testing.assert_close(p.sum(-1), torch.ones(6, dtype=torch.float64))
+
+
+def test_ties_go_to_the_lower_index_and_nan_ranks_lowest():
+    scores = torch.tensor([[[1.0, float("nan"), 1.0, 1.0, 2.0, float("nan"), 1.0]]])
+    order = reference.rank_order(scores[0], torch.ones(1, 7, dtype=torch.bool))
+    assert order.tolist() == [[4, 0, 2, 3, 6, 1, 5]]
+
+
+def test_recent_entries_are_always_heavy(seed):
+    case = Case(1, 1, 20, 0, 4, 3, 6, 3, num_local=4, alpha=0.0)
+    args = list(make_args(case, "cpu", torch.float64, seed))
+    args[4] = torch.arange(20.0, 0, -1).view(1, 1, 20)  # the oldest entries score highest
+    keys, _ = cache_of(args)
+    out_k, _ = reference.fuse_kv(*args)
+    heavy = [0, 1, 16, 17, 18, 19]                        # the best 2, then the 4 recent ones
+    torch.testing.assert_close(out_k[0, 0, :6], keys[0, 0, heavy])
+
+
+def test_short_rows_keep_their_valid_entries_right_aligned(seed):
+    case = Case(2, 2, 9, 3, 4, 3, 4, 3, valid_len=(5, 12))
+    args = make_args(case, "cpu", torch.float32, seed)
+    keys, values = cache_of(args)
+    out_k, out_v = reference.fuse_kv(*args)
+    assert torch.equal(out_k[0, :, :2], torch.zeros(2, 2, 4))
+    assert torch.equal(out_k[0, :, 2:], keys[0, :, 7:])
+    assert torch.equal(out_v[0, :, 2:], values[0, :, 7:])
+    full = reference.fuse_kv(*[a[1:] if isinstance(a, torch.Tensor) and a.dim() > 0 and i != 5
+                               and i != 6 else a for i, a in enumerate(args[:10])])
+    torch.testing.assert_close(out_k[1:], full[0])        # the full row is unaffected by row 0
+
+
+def test_pad_entries_never_reach_the_slots(seed):
+    case = Case(1, 2, 12, 4, 4, 3, 4, 3, valid_len=(10,))
+    args = list(make_args(case, "cpu", torch.float32, seed))
+    poisoned = list(args)
+    poisoned[0] = args[0].clone()
+    poisoned[0][:, :, :6] = float("nan")                  # the 6 pad entries
+    poisoned[4] = args[4].clone()
+    poisoned[4][..., :6] = 1e9                            # with the best scores
+    for a, b in zip(reference.fuse_kv(*args), reference.fuse_kv(*poisoned)):
+        torch.testing.assert_close(a, b)
+
+
+def test_layer_compressor_initialisation_and_dtype_cast():
+    torch.manual_seed(0)
+    layer = lococo.LayerCompressor(head_dim=16, num_fused=32, kernel_size=7, init_std=0.5)
+    assert layer.weight.shape == (32, 32, 7) and layer.alpha.item() == 0.5
+    assert torch.equal(layer.bias, torch.zeros(32))
+    assert abs(layer.weight.std().item() - 0.5) < 0.02
+    x = torch.randn(1, 2, 40, 16, dtype=torch.bfloat16)
+    k, v = layer(x, x, x[:, :, :0], x[:, :, :0], torch.rand(1, 2, 40), num_heavy=8)
+    assert k.dtype == torch.bfloat16 and k.shape == (1, 2, 40, 16)
+    k.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32 and layer.alpha.grad is not None
