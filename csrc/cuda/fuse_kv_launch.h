@@ -7,8 +7,8 @@
 //
 // Path choice: the tensor-core forward (mma_forward.cuh) runs for fp16/bf16/fp32 on sm_80 and
 // newer when d % 8 == 0, 2d <= 1024 and its shared memory fits; everything else, float64
-// included, runs the generic SIMT kernels. LOCOCO_FUSE_KV_PATH=simt forces the generic
-// kernels (tests compare both paths). The backward always runs the generic kernels.
+// included, runs the generic SIMT kernels (LOCOCO_CUDA_PATH below lets tests pick a path).
+// The backward always runs the generic kernels.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -42,11 +42,16 @@ struct KernelType<at::BFloat16> {
   using type = __nv_bfloat16;
 };
 
-inline bool force_simt_path() {
-  const char* v = std::getenv("LOCOCO_FUSE_KV_PATH");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return false;
-  TORCH_CHECK(std::strcmp(v, "simt") == 0, "LOCOCO_FUSE_KV_PATH must be 'auto' or 'simt', got '", v, "'");
-  return true;
+// LOCOCO_CUDA_PATH: auto (default) picks the tensor-core forward where it applies, mma
+// requires it (an error names why it does not apply), simt forces the generic kernels.
+enum class ForwardPath { kAuto, kMma, kSimt };
+
+inline ForwardPath requested_forward_path() {
+  const char* v = std::getenv("LOCOCO_CUDA_PATH");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return ForwardPath::kAuto;
+  if (std::strcmp(v, "mma") == 0) return ForwardPath::kMma;
+  TORCH_CHECK(std::strcmp(v, "simt") == 0, "LOCOCO_CUDA_PATH must be auto, mma or simt, got '", v, "'");
+  return ForwardPath::kSimt;
 }
 
 template <typename T>
@@ -137,15 +142,17 @@ void launch_generic_forward(Launcher& launch, const FuseArgs<T>& a) {
          kGenericThreads, carver.size(), a);
 }
 
-// Launches the tensor-core forward if it supports this call; false means "use the generic one".
+// Launches the tensor-core forward if it supports this call; otherwise returns why not.
 template <typename T, typename Launcher>
-bool try_mma_forward(Launcher& launch, const FuseArgs<T>& a, const at::Tensor& weight) {
+const char* try_mma_forward(Launcher& launch, const FuseArgs<T>& a, const at::Tensor& weight) {
   if constexpr (std::is_same_v<T, double>) {
-    return false;
+    return "float64 runs on the SIMT kernels";
   } else {
     const Problem& pb = a.pb;
     const int ch2 = pb.channels();
-    if (launch.compute_capability() < 80 || pb.d % 8 != 0 || ch2 > kMmaMaxSlotChannels / 16) return false;
+    if (launch.compute_capability() < 80) return "tensor-core kernels need compute capability 8.0 or newer";
+    if (pb.d % 8 != 0) return "the head dim d is not a multiple of 8";
+    if (ch2 > kMmaMaxSlotChannels / 16) return "the head dim d is over 512";
     const int slots_per_block = ch2 <= 256 ? 64 : ch2 <= 512 ? 32 : 16;
     const int64_t c_pad = ceil_div(pb.num_fused, slots_per_block) * int64_t{slots_per_block};
     using Ops = MmaOps<T>;
@@ -163,7 +170,7 @@ bool try_mma_forward(Launcher& launch, const FuseArgs<T>& a, const at::Tensor& w
     int chunk = ch2;
     while (chunk > 16 && smem_for(chunk) > launch.max_shared_memory()) chunk = ceil_div(chunk / 2, 16) * 16;
     const size_t smem = smem_for(chunk);
-    if (smem > launch.max_shared_memory()) return false;  // long kernels (k) on small-memory parts
+    if (smem > launch.max_shared_memory()) return "the tile of X with its k - 1 halo rows does not fit in shared memory";
 
     at::Tensor w = at::zeros({pb.kernel, ch2, c_pad}, weight.options());
     w.narrow(2, 0, pb.num_fused).copy_(weight.permute({2, 1, 0}));
@@ -174,7 +181,7 @@ bool try_mma_forward(Launcher& launch, const FuseArgs<T>& a, const at::Tensor& w
       case 32: launch(mma_fuse_kernel<T, 32>, blocks, kMmaThreads, smem, a, mw); break;
       default: launch(mma_fuse_kernel<T, 16>, blocks, kMmaThreads, smem, a, mw); break;
     }
-    return true;
+    return nullptr;
   }
 }
 
@@ -191,6 +198,7 @@ std::tuple<at::Tensor, at::Tensor> fuse_kv_forward(
   auto out_v = at::empty_like(out_k);
   if (out_k.numel() == 0) return {out_k, out_v};
   const Problem pb = problem_of(s);
+  const ForwardPath path = requested_forward_path();
   const SelectionBuffers sel = select_entries(launch, pb, scores, valid_len);
   const AccParams params = acc_params(weight, bias, alpha);
 
@@ -200,9 +208,11 @@ std::tuple<at::Tensor, at::Tensor> fuse_kv_forward(
     a.out_k = reinterpret_cast<T*>(out_k.data_ptr());
     a.out_v = reinterpret_cast<T*>(out_v.data_ptr());
     launch(copy_kept_kernel<T>, pb.rows, kCopyThreads, 0, a);
-    if (pb.num_fused > 0 && (force_simt_path() || !try_mma_forward(launch, a, weight))) {
-      launch_generic_forward(launch, a);
-    }
+    if (pb.num_fused == 0) return;
+    const char* why_not = path == ForwardPath::kSimt ? "LOCOCO_CUDA_PATH=simt" : try_mma_forward(launch, a, weight);
+    TORCH_CHECK(why_not == nullptr || path != ForwardPath::kMma,
+                "fuse_kv: LOCOCO_CUDA_PATH=mma but the tensor-core kernel does not apply: ", why_not);
+    if (why_not != nullptr) launch_generic_forward(launch, a);
   });
   return {out_k, out_v};
 }
