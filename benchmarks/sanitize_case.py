@@ -152,11 +152,12 @@ def check_forward(fuse, case: Case, dtype, device, path: str) -> Row:
     return Row("forward", case.name, str(dtype)[6:], path, err, torch_err, ok and nan_ok, seconds)
 
 
-def check_backward(fuse_backward, case: Case, dtype, device) -> Row:
+def check_backward(fuse_backward, case: Case, dtype, device, path: str) -> Row:
     """Gradients of all seven differentiable inputs against the reference's autograd.
 
-    Errors are relative to the largest gradient entry. float64 must agree to 1e-9; fp32 and
-    bf16 to twice (fp32: four times) the error of the reference's own autograd in that dtype.
+    Errors are relative to the largest gradient entry. float64 must agree to 1e-9, fp32 to
+    1e-4 (the test suite's bound) or four times the reference's own error in fp32, fp16 and
+    bf16 to twice the reference's own error in that dtype.
     """
     args = make_args(case, dtype, device)
     g = torch.Generator().manual_seed(1)
@@ -175,7 +176,8 @@ def check_backward(fuse_backward, case: Case, dtype, device) -> Row:
     exact = reference_grads(upcast(args))
     own = reference_grads(args)
     start = time.perf_counter()
-    got_all = fuse_backward(*[x.to(dtype) for x in grad_out], *args)
+    with kernel_path(path):
+        got_all = fuse_backward(*[x.to(dtype) for x in grad_out], *args)
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -187,11 +189,11 @@ def check_backward(fuse_backward, case: Case, dtype, device) -> Row:
         torch_err = max(torch_err, max_err(s, e) / scale)
     if dtype == torch.float64:
         ok = err <= 1e-9
-    elif dtype == torch.float32:
-        ok = err <= max(1e-5, 4 * torch_err)
+    elif dtype == torch.float32:  # the test suite allows 1e-4
+        ok = err <= max(1e-4, 4 * torch_err)
     else:
         ok = err <= 2 * torch_err + 1e-3
-    return Row("backward", case.name, str(dtype)[6:], "simt", err, torch_err, ok, seconds)
+    return Row("backward", case.name, str(dtype)[6:], path, err, torch_err, ok, seconds)
 
 
 def check_deterministic(fuse, fuse_backward, case: Case, dtype, device, path: str) -> Row:
@@ -252,9 +254,11 @@ def verify(fuse, fuse_backward, device, model_sized: bool = True) -> list[Row]:
             paths = ["simt"] + (["mma"] if mma_ok(case) and dtype != torch.float64 else [])
             for path in paths:
                 rows.append(check_forward(fuse, case, dtype, device, path))
-    for case in ODD_CASES + MMA_CASES + (MODEL_CASES[:1] if model_sized else []):
-        for dtype in (torch.float64, torch.float32, torch.bfloat16):
-            rows.append(check_backward(fuse_backward, case, dtype, device))
+    for case in ODD_CASES + MMA_CASES + (MODEL_CASES[:2] if model_sized else []):
+        for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+            paths = ["simt"] + (["mma"] if mma_ok(case) and dtype != torch.float64 else [])
+            for path in paths:
+                rows.append(check_backward(fuse_backward, case, dtype, device, path))
     det = MODEL_CASES[0] if model_sized else MMA_CASES[0]
     for dtype, path in ((torch.bfloat16, "mma"), (torch.float32, "mma"), (torch.float32, "simt")):
         rows.append(check_deterministic(fuse, fuse_backward, det, dtype, device, path))

@@ -80,7 +80,8 @@ struct FuseArgs {
   Acc* stats;             // [rows, C, kStatCount]
   Acc* probs;             // [rows, C, rest_stride]  P
   Acc* grad_z;            // [rows, C, rest_stride]  dL/dZ before the ReLU
-  Acc* grad_bias_rows;    // [rows, C]
+  Acc* grad_bias_rows;    // [rows, bias_parts, C] partial sums of the bias gradient
+  int bias_parts = 1;     // per row: 1, or the tiles of R in the tensor-core backward
   Acc* grad_weight;       // [k, 2d, C]
   Acc* grad_bias;         // [C]
   Acc* grad_alpha;        // [1]

@@ -2,27 +2,29 @@
 // against a `Launcher` (the real one in fuse_kv_cuda.cu; emulation/ runs the same sequence
 // on the CPU). A Launcher is built from the device after the argument checks; it holds the
 // device guard and stream, reports compute_capability() and max_shared_memory(), and launches
-// with launch(kernel, blocks, threads, shared_bytes, params...). Tensors are allocated with ATen on the inputs' device; kernels live in the
-// .cuh headers next to this file.
+// with launch(kernel, blocks, threads, shared_bytes, params...).
 //
-// Path choice: the tensor-core forward (mma_forward.cuh) runs for fp16/bf16/fp32 on sm_80 and
-// newer when d % 8 == 0, 2d <= 1024 and its shared memory fits; everything else, float64
-// included, runs the generic SIMT kernels (LOCOCO_CUDA_PATH below lets tests pick a path).
-// The backward always runs the generic kernels.
+// Path choice: the tensor-core kernels (mma_forward.cuh, mma_backward.cuh) run for fp16, bf16
+// and fp32 on sm_80 and newer when d % 8 == 0, d <= 512 and their shared memory fits (the
+// k - 1 halo rows grow with the kernel size); everything else, float64 included, runs the
+// generic SIMT kernels. LOCOCO_CUDA_PATH (below) lets tests pick a path.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "../fuse_kv_checks.h"
 #include "generic_kernels.cuh"
+#include "mma_backward.cuh"
 #include "mma_forward.cuh"
 #include "select_kernel.cuh"
 
@@ -44,7 +46,7 @@ struct KernelType<at::BFloat16> {
 
 // LOCOCO_CUDA_PATH: auto (default) picks the tensor-core forward where it applies, mma
 // requires it (an error names why it does not apply), simt forces the generic kernels.
-enum class ForwardPath { kAuto, kMma, kSimt };
+enum class ForwardPath { kAuto, kMma, kSimt };  // applies to the backward as well
 
 inline ForwardPath requested_forward_path() {
   const char* v = std::getenv("LOCOCO_CUDA_PATH");
@@ -106,6 +108,14 @@ SelectionBuffers select_entries(Launcher& launch, const Problem& pb, const at::T
   return buf;
 }
 
+// Shared memory of a kernel whose only shared memory is the block reduction scratch.
+template <typename Acc>
+size_t block_scratch_bytes() {
+  SharedCarver carver{nullptr};
+  carver.take<Acc>(block_scratch_count<Acc>(kGenericThreads));
+  return carver.size();
+}
+
 // Weights, bias and alpha in the accumulation type, as the generic kernels read them.
 struct AccParams {
   at::Tensor weight, bias, alpha;
@@ -142,47 +152,145 @@ void launch_generic_forward(Launcher& launch, const FuseArgs<T>& a) {
          kGenericThreads, carver.size(), a);
 }
 
-// Launches the tensor-core forward if it supports this call; otherwise returns why not.
+// Calls f(std::integral_constant<int, CB>) for the slots per block of the tensor-core kernels.
+template <typename F>
+decltype(auto) with_slots_per_block(int slots_per_block, F&& f) {
+  switch (slots_per_block) {
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 32: return f(std::integral_constant<int, 32>{});
+    default: return f(std::integral_constant<int, 16>{});
+  }
+}
+
+// How the tensor-core kernels run one call, or why they do not apply (why_not).
+struct MmaPlan {
+  const char* why_not = nullptr;
+  int slots_per_block = 0, w_chunk = 0;
+  int64_t c_pad = 0;
+  size_t fuse_smem = 0, grad_z_smem = 0, grad_x_smem = 0, grad_weight_smem = 0;
+};
+
 template <typename T, typename Launcher>
-const char* try_mma_forward(Launcher& launch, const FuseArgs<T>& a, const at::Tensor& weight) {
+MmaPlan plan_mma(const Launcher& launch, const Problem& pb, bool backward) {
+  MmaPlan plan;
   if constexpr (std::is_same_v<T, double>) {
-    return "float64 runs on the SIMT kernels";
+    plan.why_not = "float64 runs on the SIMT kernels";
   } else {
-    const Problem& pb = a.pb;
-    const int ch2 = pb.channels();
-    if (launch.compute_capability() < 80) return "tensor-core kernels need compute capability 8.0 or newer";
-    if (pb.d % 8 != 0) return "the head dim d is not a multiple of 8";
-    if (ch2 > kMmaMaxSlotChannels / 16) return "the head dim d is over 512";
-    const int slots_per_block = ch2 <= 256 ? 64 : ch2 <= 512 ? 32 : 16;
-    const int64_t c_pad = ceil_div(pb.num_fused, slots_per_block) * int64_t{slots_per_block};
     using Ops = MmaOps<T>;
     using S = typename Ops::Stored;
-    // The largest weight chunk (channels of one tap in shared memory) that fits.
-    auto smem_for = [&](int chunk) {
-      SharedCarver carver{nullptr};
-      switch (slots_per_block) {
-        case 64: MmaShared<S, 64>::carve(carver, ch2, pb.kernel, chunk, Ops::kPParts); break;
-        case 32: MmaShared<S, 32>::carve(carver, ch2, pb.kernel, chunk, Ops::kPParts); break;
-        default: MmaShared<S, 16>::carve(carver, ch2, pb.kernel, chunk, Ops::kPParts); break;
-      }
-      return carver.size();
+    const int ch2 = pb.channels();
+    const size_t limit = launch.max_shared_memory();
+    if (launch.compute_capability() < 80) {
+      plan.why_not = "tensor-core kernels need compute capability 8.0 or newer";
+    } else if (pb.d % 8 != 0) {
+      plan.why_not = "the head dim d is not a multiple of 8";
+    } else if (ch2 > kMmaMaxSlotChannels / 16) {
+      plan.why_not = "the head dim d is over 512";
+    }
+    if (plan.why_not) return plan;
+    plan.slots_per_block = mma_slots_per_block(ch2);
+    plan.c_pad = ceil_div(pb.num_fused, plan.slots_per_block) * int64_t{plan.slots_per_block};
+    // The largest weight chunk (channels of one tap in shared memory) with which all fit.
+    auto sizes = [&](int chunk) {
+      return with_slots_per_block(plan.slots_per_block, [&](auto cb) {
+        SharedCarver fuse{nullptr}, grad_z{nullptr};
+        MmaForwardShared<S, cb.value>::carve(fuse, ch2, pb.kernel, chunk, Ops::kPParts, backward);
+        if (backward) MmaGradZShared<S, cb.value>::carve(grad_z, ch2, pb.kernel, chunk);
+        return std::pair<size_t, size_t>{fuse.size(), grad_z.size()};
+      });
     };
     int chunk = ch2;
-    while (chunk > 16 && smem_for(chunk) > launch.max_shared_memory()) chunk = ceil_div(chunk / 2, 16) * 16;
-    const size_t smem = smem_for(chunk);
-    if (smem > launch.max_shared_memory()) return "the tile of X with its k - 1 halo rows does not fit in shared memory";
-
-    at::Tensor w = at::zeros({pb.kernel, ch2, c_pad}, weight.options());
-    w.narrow(2, 0, pb.num_fused).copy_(weight.permute({2, 1, 0}));
-    const MmaWeights<T> mw{reinterpret_cast<const T*>(w.data_ptr()), static_cast<int>(c_pad), chunk};
-    const int64_t blocks = checked_blocks(pb.rows * (c_pad / slots_per_block), "mma_fuse_kernel");
-    switch (slots_per_block) {
-      case 64: launch(mma_fuse_kernel<T, 64>, blocks, kMmaThreads, smem, a, mw); break;
-      case 32: launch(mma_fuse_kernel<T, 32>, blocks, kMmaThreads, smem, a, mw); break;
-      default: launch(mma_fuse_kernel<T, 16>, blocks, kMmaThreads, smem, a, mw); break;
+    auto fits = [&](int c) { return std::max(sizes(c).first, sizes(c).second) <= limit; };
+    while (chunk > 16 && !fits(chunk)) chunk = ceil_div(chunk / 2, 16) * 16;
+    plan.w_chunk = chunk;
+    std::tie(plan.fuse_smem, plan.grad_z_smem) = sizes(chunk);
+    if (backward) {
+      SharedCarver grad_x{nullptr}, grad_weight{nullptr};
+      MmaGradXShared::carve(grad_x, pb.kernel);
+      MmaGradWeightShared::carve(grad_weight);
+      plan.grad_x_smem = grad_x.size();
+      plan.grad_weight_smem = grad_weight.size();
     }
-    return nullptr;
+    if (std::max({plan.fuse_smem, plan.grad_z_smem, plan.grad_x_smem, plan.grad_weight_smem}) > limit) {
+      plan.why_not = "the tiles with their k - 1 halo rows do not fit in shared memory";
+    }
   }
+  return plan;
+}
+
+// The weights as [k, 2d, C_pad] in the tensor-core operand type, zero past C.
+template <typename T>
+at::Tensor mma_weights(const at::Tensor& weight, const MmaPlan& plan) {
+  at::Tensor w = at::zeros({weight.size(2), weight.size(1), plan.c_pad}, weight.options());
+  w.narrow(2, 0, weight.size(0)).copy_(weight.permute({2, 1, 0}));
+  return w;
+}
+
+template <typename T>
+MmaWeights<T> mma_weight_args(const at::Tensor& w, const MmaPlan& plan) {
+  return {reinterpret_cast<const typename MmaOps<T>::Stored*>(w.data_ptr()), static_cast<int>(plan.c_pad),
+          plan.w_chunk};
+}
+
+// Decides between the paths for LOCOCO_CUDA_PATH; returns true for the tensor cores.
+inline bool use_mma(ForwardPath path, const MmaPlan& plan) {
+  if (path == ForwardPath::kSimt) return false;
+  TORCH_CHECK(plan.why_not == nullptr || path != ForwardPath::kMma,
+              "fuse_kv: LOCOCO_CUDA_PATH=mma but the tensor-core kernels do not apply: ", plan.why_not);
+  return plan.why_not == nullptr;
+}
+
+template <typename T, typename Launcher>
+void launch_mma_forward(Launcher& launch, const FuseArgs<T>& a, const at::Tensor& weight, const MmaPlan& plan) {
+  if constexpr (!std::is_same_v<T, double>) {
+    const at::Tensor w = mma_weights<T>(weight, plan);
+    const MmaWeights<T> mw = mma_weight_args<T>(w, plan);
+    const int64_t blocks = checked_blocks(a.pb.rows * (plan.c_pad / plan.slots_per_block), "mma_fuse_kernel");
+    with_slots_per_block(plan.slots_per_block, [&](auto cb) {
+      launch(mma_fuse_kernel<T, cb.value, false>, blocks, kMmaThreads, plan.fuse_smem, a, mw);
+    });
+  }
+}
+
+// The backward of the fused slots, after the statistics of the softmax: dL/dZ and P, then
+// the gradients of X and W. The bias and alpha reductions follow in the caller.
+template <typename T, typename Launcher>
+void launch_mma_backward(Launcher& launch, const FuseArgs<T>& a, const at::Tensor& weight, const MmaPlan& plan) {
+  if constexpr (!std::is_same_v<T, double>) {
+    const Problem& pb = a.pb;
+    const at::Tensor w = mma_weights<T>(weight, plan);
+    const MmaWeights<T> mw = mma_weight_args<T>(w, plan);
+    const int64_t rows = pb.rows, tiles = a.bias_parts, slot_blocks = plan.c_pad / plan.slots_per_block;
+    const int64_t ch_blocks = ceil_div(pb.channels(), kMmaChannelBlock);
+    with_slots_per_block(plan.slots_per_block, [&](auto cb) {
+      launch(mma_fuse_kernel<T, cb.value, true>, checked_blocks(rows * slot_blocks, "mma_fuse_kernel"), kMmaThreads,
+             plan.fuse_smem, a, mw);
+      launch(mma_grad_z_kernel<T, cb.value>, checked_blocks(rows * tiles * slot_blocks, "mma_grad_z_kernel"),
+             kMmaThreads, plan.grad_z_smem, a, mw);
+    });
+    launch(mma_grad_x_kernel<T>, checked_blocks(rows * tiles * ch_blocks, "mma_grad_x_kernel"), kMmaThreads,
+           plan.grad_x_smem, a);
+    launch(mma_grad_weight_kernel<T>,
+           checked_blocks(pb.kernel * ch_blocks * ceil_div(pb.num_fused, kMmaSlotBlock), "mma_grad_weight_kernel"),
+           kMmaThreads, plan.grad_weight_smem, a);
+  }
+}
+
+template <typename T, typename Launcher>
+void launch_generic_backward(Launcher& launch, const FuseArgs<T>& a) {
+  using Acc = acc_t<T>;
+  const Problem& pb = a.pb;
+  const int64_t slot_blocks = checked_blocks(int64_t{pb.rows} * pb.num_fused, "generic_fuse_kernel");
+  SharedCarver fuse_carver{nullptr};
+  GenericShared<Acc>::carve(fuse_carver, pb.channels(), kGenericThreads);
+  launch(generic_fuse_kernel<T, true>, slot_blocks, kGenericThreads, fuse_carver.size(), a);
+  launch(generic_grad_z_kernel<T>, slot_blocks, kGenericThreads, block_scratch_bytes<Acc>(), a);
+  launch(generic_grad_x_kernel<T>, checked_blocks(int64_t{pb.rows} * pb.rest_stride(), "generic_grad_x_kernel"),
+         kGenericThreads, 0, a);
+  launch(generic_grad_weight_kernel<T>,
+         checked_blocks((int64_t{pb.kernel} * pb.channels() * pb.num_fused + kGenericThreads - 1) / kGenericThreads,
+                        "generic_grad_weight_kernel"),
+         kGenericThreads, 0, a);
 }
 
 template <typename Launcher>
@@ -209,10 +317,12 @@ std::tuple<at::Tensor, at::Tensor> fuse_kv_forward(
     a.out_v = reinterpret_cast<T*>(out_v.data_ptr());
     launch(copy_kept_kernel<T>, pb.rows, kCopyThreads, 0, a);
     if (pb.num_fused == 0) return;
-    const char* why_not = path == ForwardPath::kSimt ? "LOCOCO_CUDA_PATH=simt" : try_mma_forward(launch, a, weight);
-    TORCH_CHECK(why_not == nullptr || path != ForwardPath::kMma,
-                "fuse_kv: LOCOCO_CUDA_PATH=mma but the tensor-core kernel does not apply: ", why_not);
-    if (why_not != nullptr) launch_generic_forward(launch, a);
+    const MmaPlan plan = plan_mma<T>(launch, pb, false);
+    if (use_mma(path, plan)) {
+      launch_mma_forward(launch, a, weight, plan);
+    } else {
+      launch_generic_forward(launch, a);
+    }
   });
   return {out_k, out_v};
 }
@@ -237,6 +347,7 @@ fuse_kv_backward(const at::Tensor& grad_k_in, const at::Tensor& grad_v_in,
   auto d_alpha = at::zeros_like(alpha);
   if (s.batch * s.heads == 0 || s.d == 0) return {d_mem_k, d_mem_v, d_new_k, d_new_v, d_weight, d_bias, d_alpha};
   const Problem pb = problem_of(s);
+  const ForwardPath path = requested_forward_path();
   const auto grad_k = grad_k_in.contiguous(), grad_v = grad_v_in.contiguous();
   const SelectionBuffers sel = select_entries(launch, pb, scores, valid_len);
   const AccParams params = acc_params(weight, bias, alpha);
@@ -254,10 +365,13 @@ fuse_kv_backward(const at::Tensor& grad_k_in, const at::Tensor& grad_v_in,
 
     const auto acc_opts = params.weight.options();
     const int C = pb.num_fused, stride = pb.rest_stride(), ch2 = pb.channels();
+    const MmaPlan plan = plan_mma<T>(launch, pb, true);
+    const bool mma = use_mma(path, plan);
+    a.bias_parts = mma ? ceil_div(stride, kMmaTile) : 1;
     const at::Tensor stats = at::zeros({pb.rows, C, kStatCount}, acc_opts);
     const at::Tensor probs = at::empty({pb.rows, C, stride}, acc_opts);
     const at::Tensor grad_z = at::empty({pb.rows, C, stride}, acc_opts);
-    const at::Tensor grad_bias_rows = at::zeros({pb.rows, C}, acc_opts);
+    const at::Tensor grad_bias_rows = at::zeros({pb.rows, a.bias_parts, C}, acc_opts);
     const at::Tensor grad_weight = at::empty({pb.kernel, ch2, C}, acc_opts);
     const at::Tensor grad_bias = at::empty({C}, acc_opts);
     const at::Tensor grad_alpha = at::empty({1}, acc_opts);
@@ -269,20 +383,12 @@ fuse_kv_backward(const at::Tensor& grad_k_in, const at::Tensor& grad_v_in,
     a.grad_bias = grad_bias.data_ptr<Acc>();
     a.grad_alpha = grad_alpha.data_ptr<Acc>();
 
-    const int64_t slot_blocks = checked_blocks(int64_t{pb.rows} * C, "generic_fuse_kernel");
-    SharedCarver fuse_carver{nullptr};
-    GenericShared<Acc>::carve(fuse_carver, ch2, kGenericThreads);
-    launch(generic_fuse_kernel<T, true>, slot_blocks, kGenericThreads, fuse_carver.size(), a);
-    SharedCarver reduce_carver{nullptr};
-    reduce_carver.take<Acc>(block_scratch_count<Acc>(kGenericThreads));
-    launch(generic_grad_z_kernel<T>, slot_blocks, kGenericThreads, reduce_carver.size(), a);
-    launch(generic_grad_x_kernel<T>, checked_blocks(int64_t{pb.rows} * stride, "generic_grad_x_kernel"),
-           kGenericThreads, 0, a);
-    launch(generic_grad_weight_kernel<T>,
-           checked_blocks((int64_t{pb.kernel} * ch2 * C + kGenericThreads - 1) / kGenericThreads,
-                          "generic_grad_weight_kernel"),
-           kGenericThreads, 0, a);
-    launch(generic_grad_bias_alpha_kernel<T>, 1, kGenericThreads, reduce_carver.size(), a);
+    if (mma) {
+      launch_mma_backward(launch, a, weight, plan);
+    } else {
+      launch_generic_backward(launch, a);
+    }
+    launch(generic_grad_bias_alpha_kernel<T>, 1, kGenericThreads, block_scratch_bytes<Acc>(), a);
 
     d_weight.copy_(grad_weight.permute({2, 1, 0}));
     d_bias.copy_(grad_bias);

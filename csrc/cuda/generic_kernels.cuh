@@ -273,7 +273,8 @@ __global__ void __launch_bounds__(kGenericThreads) generic_grad_weight_kernel(Fu
   a.grad_weight[e] = acc;
 }
 
-// Backward, bias and alpha gradients: sums over rows in a fixed order. One block.
+// Backward, bias and alpha gradients: sums over rows (and their partial sums) in a fixed
+// order. One block.
 template <typename T>
 __global__ void __launch_bounds__(kGenericThreads) generic_grad_bias_alpha_kernel(FuseArgs<T> a) {
   using Acc = acc_t<T>;
@@ -285,7 +286,10 @@ __global__ void __launch_bounds__(kGenericThreads) generic_grad_bias_alpha_kerne
   for (int c = threadIdx.x; c < C; c += blockDim.x) {
     Acc acc = Acc(0);
     for (int row = 0; row < pb.rows; ++row) {
-      if (a.sel.valid[row] >= pb.slots()) acc += a.grad_bias_rows[static_cast<int64_t>(row) * C + c];
+      if (a.sel.valid[row] < pb.slots()) continue;
+      for (int part = 0; part < a.bias_parts; ++part) {
+        acc += a.grad_bias_rows[(static_cast<int64_t>(row) * a.bias_parts + part) * C + c];
+      }
     }
     a.grad_bias[c] = acc;
   }
