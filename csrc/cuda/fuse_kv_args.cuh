@@ -69,6 +69,7 @@ struct FuseArgs {
   Selection sel;
   CacheEntries<const T> keys, values;
   const Acc* weight;  // [C, 2d, k] contiguous, accumulation type
+  const Acc* weight_by_tap;  // [k, C, 2d] the same, for the tensor-core backward (else nullptr)
   const Acc* bias;    // [C] or nullptr
   const Acc* alpha;   // one element
   T* out_k;           // [rows, H + C, d] contiguous

@@ -255,11 +255,14 @@ void launch_mma_forward(Launcher& launch, const FuseArgs<T>& a, const at::Tensor
 // The backward of the fused slots, after the statistics of the softmax: dL/dZ and P, then
 // the gradients of X and W. The bias and alpha reductions follow in the caller.
 template <typename T, typename Launcher>
-void launch_mma_backward(Launcher& launch, const FuseArgs<T>& a, const at::Tensor& weight, const MmaPlan& plan) {
+void launch_mma_backward(Launcher& launch, const FuseArgs<T>& args, const at::Tensor& weight, const MmaPlan& plan) {
   if constexpr (!std::is_same_v<T, double>) {
-    const Problem& pb = a.pb;
+    const Problem& pb = args.pb;
     const at::Tensor w = mma_weights<T>(weight, plan);
     const MmaWeights<T> mw = mma_weight_args<T>(w, plan);
+    const at::Tensor w_by_tap = weight.to(at::kFloat).permute({2, 0, 1}).contiguous();
+    FuseArgs<T> a = args;
+    a.weight_by_tap = w_by_tap.data_ptr<float>();
     const int64_t rows = pb.rows, tiles = a.bias_parts, slot_blocks = plan.c_pad / plan.slots_per_block;
     const int64_t ch_blocks = ceil_div(pb.channels(), kMmaChannelBlock);
     with_slots_per_block(plan.slots_per_block, [&](auto cb) {

@@ -206,7 +206,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mma_grad_x_kernel(FuseArgs<T> 
       for (int e = threadIdx.x; e < kMmaSlotChunk * kMmaChannelBlock; e += blockDim.x) {
         const int c = e / kMmaChannelBlock, j = e - c * kMmaChannelBlock;
         sh.w[c * L::ldc + j] =
-            s0 + c < C && j < ch_here ? a.weight[(static_cast<int64_t>(s0 + c) * ch2 + ch0 + j) * k + t] : 0.0f;
+            s0 + c < C && j < ch_here ? a.weight_by_tap[(static_cast<int64_t>(t) * C + s0 + c) * ch2 + ch0 + j] : 0.0f;
       }
       __syncthreads();
       for (int kk = 0; kk < kMmaSlotChunk; kk += Tf32::kK) {

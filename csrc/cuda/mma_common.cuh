@@ -151,24 +151,31 @@ __device__ void accumulator_rows(FragC& rows, float* warp_stage) {
   __syncwarp();
 }
 
-// Gathers X = [K ; V] of positions base - pad .. base - pad + rows - 1 of R into x (row-major,
-// leading dimension ldx), zero outside [0, n).
-template <typename T, typename S>
-__device__ void gather_x(S* x, int ldx, int rows, int first, const FuseArgs<T>& a, const RowEntries<const T>& keys,
+// Gathers X = [K ; V] of positions first .. first + rows - 1 of R into x (row-major, leading
+// dimension ldx, 32-byte aligned rows), zero outside [0, n). Copies 16 bytes at a time where
+// the cache is contiguous along d and aligned (d % 8 == 0 keeps every 16 bytes in K or V).
+template <typename T>
+__device__ void gather_x(T* x, int ldx, int rows, int first, const FuseArgs<T>& a, const RowEntries<const T>& keys,
                          const RowEntries<const T>& values, const int32_t* rest, int n) {
-  const int ch2 = a.pb.channels(), d = a.pb.d;
-  for (int e = threadIdx.x; e < rows * ch2; e += blockDim.x) {
-    const int r = e / ch2, ch = e - r * ch2, pos = first + r;
-    S v = from_acc<S>(0.0f);
-    if (pos >= 0 && pos < n) {
-      const int j = rest[pos];
-      if constexpr (std::is_same_v<S, T>) {
-        v = ch < d ? keys.at(j, ch) : values.at(j, ch - d);
-      } else {
-        v = a.x_at(keys, values, j, ch);
-      }
+  constexpr int kVec = 16 / sizeof(T);
+  const int d = a.pb.d, vectors = a.pb.channels() / kVec;
+  for (int e = threadIdx.x; e < rows * vectors; e += blockDim.x) {
+    const int r = e / vectors, ch = (e - r * vectors) * kVec, pos = first + r;
+    T* to = x + r * ldx + ch;
+    if (pos < 0 || pos >= n) {
+      *reinterpret_cast<uint4*>(to) = make_uint4(0, 0, 0, 0);
+      continue;
     }
-    x[r * ldx + ch] = v;
+    const int j = rest[pos];
+    const RowEntries<const T>& src = ch < d ? keys : values;
+    const int c = ch < d ? ch : ch - d;
+    const T* from = &src.at(j, c);
+    const int64_t dim_stride = j < src.mem_len ? src.mem_dim : src.new_dim;
+    if (dim_stride == 1 && reinterpret_cast<uintptr_t>(from) % 16 == 0) {
+      *reinterpret_cast<uint4*>(to) = *reinterpret_cast<const uint4*>(from);
+    } else {
+      for (int i = 0; i < kVec; ++i) to[i] = src.at(j, c + i);
+    }
   }
 }
 
@@ -187,10 +194,13 @@ __device__ void conv_tile(typename MmaOps<T>::FragC (&z)[kZPerWarp], const typen
     for (int ch0 = 0; ch0 < ch2; ch0 += mw.w_chunk) {
       const int chunk = min(mw.w_chunk, ch2 - ch0);
       __syncthreads();  // the previous chunk is no longer read (and the X tile is written)
+      // 16-byte copies: c_pad, c0 and CB are multiples of 16 elements, rows are 32-byte aligned.
       const auto* w_src = mw.w + (static_cast<int64_t>(t) * ch2 + ch0) * mw.c_pad + c0;
-      for (int e = threadIdx.x; e < chunk * CB; e += blockDim.x) {
-        const int kk = e / CB, cc = e - kk * CB;
-        w_tile[kk * ldw + cc] = w_src[static_cast<int64_t>(kk) * mw.c_pad + cc];
+      constexpr int kVec = 16 / sizeof(*w_tile), kRowVectors = CB / kVec;
+      for (int e = threadIdx.x; e < chunk * kRowVectors; e += blockDim.x) {
+        const int kk = e / kRowVectors, cc = (e - kk * kRowVectors) * kVec;
+        *reinterpret_cast<uint4*>(w_tile + kk * ldw + cc) =
+            *reinterpret_cast<const uint4*>(w_src + static_cast<int64_t>(kk) * mw.c_pad + cc);
       }
       __syncthreads();
       for (int kk = 0; kk < chunk; kk += Ops::kK) {
