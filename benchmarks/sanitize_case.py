@@ -49,6 +49,7 @@ class Case:
     scores: str = "rand"  # rand, ties, nan, zeros
     valid_len: tuple[int, ...] | None = None
     weight_scale: float = 3.0  # weight std times sqrt(2d k): ~3 gives peaked but finite softmaxes
+    nonfinite: bool = False  # a NaN in the memory keys and an inf in the new keys
 
 
 def make_args(case: Case, dtype: torch.dtype, device, seed: int = 0) -> list:
@@ -60,11 +61,16 @@ def make_args(case: Case, dtype: torch.dtype, device, seed: int = 0) -> list:
 
     b, h, la, lb, d = case.batch, case.heads, case.mem_len, case.new_len, case.d
     mem_k, mem_v = randn(b, h, la, d), randn(b, h, la, d)
+    if case.nonfinite:
+        mem_k[0, 0, la // 2, d - 1] = float("nan")
+        mem_k[0, -1, 0, 0] = float("-inf")
     if case.strided:
         proj = randn(b, lb, h, 3 * d)
         new_k, new_v = proj[..., :d].transpose(1, 2), proj[..., d:2 * d].transpose(1, 2)
     else:
         new_k, new_v = randn(b, h, lb, d), randn(b, h, lb, d)
+    if case.nonfinite and lb > 0:
+        new_k[0, -1, lb // 2, 0] = float("inf")
     L = la + lb
     if case.scores == "ties":
         scores = torch.randint(0, 3, (b, h, L), generator=g).double()
@@ -97,10 +103,12 @@ def upcast(args, dtype=torch.float64) -> list:
 
 
 def max_err(got, want) -> float:
-    """Largest absolute difference; positions where both are NaN count as equal."""
-    diff = (got.double() - want.double()).abs()
-    both_nan = torch.isnan(got) & torch.isnan(want)
-    return diff.masked_fill(both_nan, 0).nan_to_num(nan=float("inf")).max().item() if diff.numel() else 0.0
+    """Largest absolute difference; equal infinities and NaN against NaN count as equal."""
+    if got.numel() == 0:
+        return 0.0
+    g, w = got.double(), want.double()
+    same = (g == w) | (torch.isnan(g) & torch.isnan(w))
+    return (g - w).abs().masked_fill(same, 0).nan_to_num(nan=float("inf")).max().item()
 
 
 @contextlib.contextmanager
@@ -228,6 +236,7 @@ ODD_CASES = [
     replace(SMALL, name="alpha0", alpha=0.0),
     replace(SMALL, name="no_bias", bias=False),
     replace(SMALL, name="C0", num_fused=0),
+    replace(SMALL, name="nonfinite", nonfinite=True),
     replace(SMALL, name="long_k", mem_len=40, new_len=10, kernel=9),
     Case("many_tiles", 1, 1, 300, 20, 2, 3, 7, 5),
 ]
@@ -237,6 +246,7 @@ MMA_CASES = [  # d % 8 == 0: the tensor-core forward; several tiles and slot blo
     Case("mma_valid_nan", 2, 1, 90, 10, 8, 17, 9, 3, scores="nan", valid_len=(100, 40)),
     Case("mma_d136", 1, 1, 70, 10, 136, 5, 4, 3),  # 2d > 256: 32 slots per block
     Case("mma_rho1", 1, 1, 60, 20, 8, 40, 0, 21, scores="zeros", alpha=1.0),
+    Case("mma_nonfinite", 2, 2, 40, 10, 8, 6, 6, 5, nonfinite=True),
 ]
 MODEL_CASES = [  # model-sized: GPU only (slow in the CPU emulation)
     Case("smollm2_decode", 2, 3, 145, 0, 64, 64, 64, 21, strided=True, valid_len=(145, 90)),
@@ -255,6 +265,8 @@ def verify(fuse, fuse_backward, device, model_sized: bool = True) -> list[Row]:
             for path in paths:
                 rows.append(check_forward(fuse, case, dtype, device, path))
     for case in ODD_CASES + MMA_CASES + (MODEL_CASES[:2] if model_sized else []):
+        if case.nonfinite:  # the forward's inf / NaN pattern is checked; gradients are not
+            continue
         for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
             paths = ["simt"] + (["mma"] if mma_ok(case) and dtype != torch.float64 else [])
             for path in paths:

@@ -7,6 +7,8 @@
 //  * Tf32: float tiles in shared memory, for operands computed in fp32 (P, dL/dZ). A split
 //    operand is a_hi + a_lo in TF32 (about 21 bits); fp16 and bf16 values are exact in TF32
 //    and need no split.
+// Splits keep inf and NaN out of the low-part products, so non-finite inputs give the same
+// inf / NaN pattern as the fp32 reference.
 // WMMA leaves the register layout of accumulator fragments unspecified; where a kernel needs
 // the row of an element it reads it off a fragment loaded from a matrix of row indices.
 #pragma once
@@ -30,40 +32,54 @@ struct Tf32 {
   using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, Precision, Layout>;
   using FragC = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
 
+  __device__ static bool finite(float v) { return fabsf(v) < INFINITY; }  // false for NaN too
+
+  // Element-wise (independent of the register layout): hi = tf32(v); lo = tf32(v - hi) and
+  // fin = hi where v is finite, both 0 where it is not. A low part is only ever multiplied by
+  // the other operand's `fin`, so inf and NaN enter through hi * hi alone and the products
+  // have IEEE semantics (inf * w = inf, inf * 0 = NaN), as in an fp32 reference.
   template <typename Frag>
-  __device__ static void round(Frag& f) {
-#pragma unroll
-    for (int e = 0; e < f.num_elements; ++e) f.x[e] = wmma::__float_to_tf32(f.x[e]);
-  }
-  // Element-wise, so independent of the fragment's register layout.
-  template <typename Frag>
-  __device__ static void split(Frag& hi, Frag& lo) {
+  __device__ static void split(Frag& hi, Frag& lo, Frag& fin) {
 #pragma unroll
     for (int e = 0; e < hi.num_elements; ++e) {
       const float v = hi.x[e];
-      hi.x[e] = wmma::__float_to_tf32(v);
-      lo.x[e] = wmma::__float_to_tf32(v - hi.x[e]);
+      const float h = wmma::__float_to_tf32(v);
+      const bool ok = finite(v);
+      hi.x[e] = h;
+      lo.x[e] = ok ? wmma::__float_to_tf32(v - h) : 0.0f;
+      fin.x[e] = ok ? h : 0.0f;
     }
   }
-  // acc += A (16 x 8) @ B (8 x 16), both float tiles in memory with the given layouts.
+  // For operands exact in TF32 (fp16 and bf16 values): hi = v, fin as above.
+  template <typename Frag>
+  __device__ static void exact(Frag& hi, Frag& fin) {
+#pragma unroll
+    for (int e = 0; e < hi.num_elements; ++e) {
+      const float v = wmma::__float_to_tf32(hi.x[e]);
+      hi.x[e] = v;
+      fin.x[e] = finite(v) ? v : 0.0f;
+    }
+  }
+  // acc += A (16 x 8) @ B (8 x 16), both float tiles in memory with the given layouts. A split
+  // operand keeps about 21 bits; kSplitA and kSplitB say which ones need it.
   template <bool kSplitA, bool kSplitB, typename LayoutA, typename LayoutB>
   __device__ static void step(FragC& acc, const float* a, int lda, const float* b, int ldb) {
-    FragA<LayoutA> a_hi, a_lo;
-    FragB<LayoutB> b_hi, b_lo;
+    FragA<LayoutA> a_hi, a_lo, a_fin;
+    FragB<LayoutB> b_hi, b_lo, b_fin;
     wmma::load_matrix_sync(a_hi, a, lda);
     wmma::load_matrix_sync(b_hi, b, ldb);
     if constexpr (kSplitA) {
-      split(a_hi, a_lo);
+      split(a_hi, a_lo, a_fin);
     } else {
-      round(a_hi);
+      exact(a_hi, a_fin);
     }
     if constexpr (kSplitB) {
-      split(b_hi, b_lo);
+      split(b_hi, b_lo, b_fin);
     } else {
-      round(b_hi);
+      exact(b_hi, b_fin);
     }
-    if constexpr (kSplitA) wmma::mma_sync(acc, a_lo, b_hi, acc);
-    if constexpr (kSplitB) wmma::mma_sync(acc, a_hi, b_lo, acc);
+    if constexpr (kSplitA) wmma::mma_sync(acc, a_lo, b_fin, acc);
+    if constexpr (kSplitB) wmma::mma_sync(acc, a_fin, b_lo, acc);
     wmma::mma_sync(acc, a_hi, b_hi, acc);
   }
 };
@@ -90,14 +106,19 @@ struct MmaOps16 {
     wmma::load_matrix_sync(fb, b, ldb);
     wmma::mma_sync(acc, fa, fb, acc);
   }
-  // acc += P^T (column-major, hi and lo parts) @ X (row-major at x).
+  // acc += P^T (column-major, hi and lo parts) @ X (row-major at x). The low part meets X with
+  // its inf and NaN zeroed, so those enter through hi * X alone, as in an fp32 reference.
   __device__ static void mix_step(FragC& acc, const E* p_hi, const E* p_lo, int ldp, const E* x, int ldx) {
     FragAT hi, lo;
-    FragB fx;
+    FragB fx, fx_finite;
     wmma::load_matrix_sync(lo, p_lo, ldp);
     wmma::load_matrix_sync(hi, p_hi, ldp);
     wmma::load_matrix_sync(fx, x, ldx);
-    wmma::mma_sync(acc, lo, fx, acc);
+#pragma unroll
+    for (int e = 0; e < fx.num_elements; ++e) {
+      fx_finite.x[e] = fabsf(to_acc(fx.x[e])) < INFINITY ? fx.x[e] : from_acc<E>(0.0f);
+    }
+    wmma::mma_sync(acc, lo, fx_finite, acc);
     wmma::mma_sync(acc, hi, fx, acc);
   }
   __device__ static void store_p(float p, E* hi, E* lo) {
