@@ -299,8 +299,8 @@ def sanitize_run(device) -> None:
         slots = (case.batch, case.heads, case.num_heavy + case.num_fused, case.d)
         with kernel_path(path):
             k, v = fuse(*args)
-        fuse_backward(torch.ones(slots, dtype=dtype, device=device), torch.ones(slots, dtype=dtype, device=device),
-                      *args)
+            fuse_backward(torch.ones(slots, dtype=dtype, device=device), torch.ones(slots, dtype=dtype, device=device),
+                          *args)
         torch.cuda.synchronize()
         print(f"sanitize case: {str(dtype)[6:]} {path} ok, |k| = {k.float().abs().sum().item():.3f}")
 

@@ -44,16 +44,17 @@ struct KernelType<at::BFloat16> {
   using type = __nv_bfloat16;
 };
 
-// LOCOCO_CUDA_PATH: auto (default) picks the tensor-core forward where it applies, mma
-// requires it (an error names why it does not apply), simt forces the generic kernels.
-enum class ForwardPath { kAuto, kMma, kSimt };  // applies to the backward as well
+// LOCOCO_CUDA_PATH, for the forward and the backward: auto (default) takes the tensor-core
+// kernels where they apply, mma requires them (an error names why they do not apply), simt
+// forces the generic kernels.
+enum class KernelPath { kAuto, kMma, kSimt };
 
-inline ForwardPath requested_forward_path() {
+inline KernelPath requested_kernel_path() {
   const char* v = std::getenv("LOCOCO_CUDA_PATH");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return ForwardPath::kAuto;
-  if (std::strcmp(v, "mma") == 0) return ForwardPath::kMma;
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return KernelPath::kAuto;
+  if (std::strcmp(v, "mma") == 0) return KernelPath::kMma;
   TORCH_CHECK(std::strcmp(v, "simt") == 0, "LOCOCO_CUDA_PATH must be auto, mma or simt, got '", v, "'");
-  return ForwardPath::kSimt;
+  return KernelPath::kSimt;
 }
 
 template <typename T>
@@ -233,9 +234,9 @@ MmaWeights<T> mma_weight_args(const at::Tensor& w, const MmaPlan& plan) {
 }
 
 // Decides between the paths for LOCOCO_CUDA_PATH; returns true for the tensor cores.
-inline bool use_mma(ForwardPath path, const MmaPlan& plan) {
-  if (path == ForwardPath::kSimt) return false;
-  TORCH_CHECK(plan.why_not == nullptr || path != ForwardPath::kMma,
+inline bool use_mma(KernelPath path, const MmaPlan& plan) {
+  if (path == KernelPath::kSimt) return false;
+  TORCH_CHECK(plan.why_not == nullptr || path != KernelPath::kMma,
               "fuse_kv: LOCOCO_CUDA_PATH=mma but the tensor-core kernels do not apply: ", plan.why_not);
   return plan.why_not == nullptr;
 }
@@ -309,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor> fuse_kv_forward(
   auto out_v = at::empty_like(out_k);
   if (out_k.numel() == 0) return {out_k, out_v};
   const Problem pb = problem_of(s);
-  const ForwardPath path = requested_forward_path();
+  const KernelPath path = requested_kernel_path();
   const SelectionBuffers sel = select_entries(launch, pb, scores, valid_len);
   const AccParams params = acc_params(weight, bias, alpha);
 
@@ -350,7 +351,7 @@ fuse_kv_backward(const at::Tensor& grad_k_in, const at::Tensor& grad_v_in,
   auto d_alpha = at::zeros_like(alpha);
   if (s.batch * s.heads == 0 || s.d == 0) return {d_mem_k, d_mem_v, d_new_k, d_new_v, d_weight, d_bias, d_alpha};
   const Problem pb = problem_of(s);
-  const ForwardPath path = requested_forward_path();
+  const KernelPath path = requested_kernel_path();
   const auto grad_k = grad_k_in.contiguous(), grad_v = grad_v_in.contiguous();
   const SelectionBuffers sel = select_entries(launch, pb, scores, valid_len);
   const AccParams params = acc_params(weight, bias, alpha);
