@@ -1,0 +1,180 @@
+// Device-side building blocks of the fuse_kv kernels: element conversions, the score ordering
+// key, and warp and block reductions and scans.
+//
+// Every kernel takes all of its shared memory from one dynamic buffer (LOCOCO_SHARED_BUFFER),
+// carved with SharedCarver; no kernel declares static __shared__ arrays. That keeps the sizes
+// explicit on the host side (each layout is computed by the same code on host and device) and
+// lets emulation/ run these kernels on the CPU for tests on machines without a GPU.
+#pragma once
+
+#ifdef LOCOCO_HOST_EMULATION
+#include "emulation/emulation.h"
+#define LOCOCO_SHARED_BUFFER(name) unsigned char* name = ::emu::shared_buffer()
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+#define LOCOCO_SHARED_BUFFER(name) extern __shared__ __align__(128) unsigned char name[]
+#endif
+
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+namespace lococo::cuda {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Accumulation type: float for fp32/fp16/bf16, double for fp64 (SPEC section 4).
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+__host__ __device__ __forceinline__ float to_acc(float x) { return x; }
+__host__ __device__ __forceinline__ double to_acc(double x) { return x; }
+__host__ __device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__host__ __device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// Round-to-nearest conversion from the accumulation type to the element type.
+template <typename T>
+__host__ __device__ __forceinline__ T from_acc(acc_t<T> x) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(x);
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __float2bfloat16_rn(x);
+  } else {
+    return x;
+  }
+}
+
+__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+__device__ __forceinline__ float max_acc(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double max_acc(double a, double b) { return fmax(a, b); }
+template <typename Acc>
+__device__ __forceinline__ Acc neg_inf() {
+  return -std::numeric_limits<Acc>::infinity();
+}
+
+// ReLU that lets NaN through, as torch.relu does.
+template <typename Acc>
+__device__ __forceinline__ Acc relu_keep_nan(Acc x) {
+  return x > Acc(0) || x != x ? x : Acc(0);
+}
+
+// Monotone 64-bit key of a score: larger score, larger key; NaN lowest; -0 equals +0.
+// Equal keys are ranked by position (lower first) by the selection code.
+__device__ __forceinline__ uint64_t score_key(double s) {
+  if (s != s) return 0;
+  if (s == 0.0) s = 0.0;
+  const uint64_t bits = static_cast<uint64_t>(__double_as_longlong(s));
+  return (bits >> 63) ? ~bits : (bits | (uint64_t{1} << 63));
+}
+
+// Hands out aligned pieces of one shared-memory buffer. Host code uses the same type with a
+// null base to compute the total size, so layouts are written once.
+struct SharedCarver {
+  unsigned char* base;
+  size_t offset = 0;
+  template <typename U>
+  __host__ __device__ U* take(size_t count, size_t align = 128) {
+    offset = (offset + align - 1) / align * align;
+    U* p = reinterpret_cast<U*>(base + offset);
+    offset += count * sizeof(U);
+    return p;
+  }
+  __host__ __device__ size_t size() const { return offset; }
+};
+
+template <typename V>
+__device__ __forceinline__ V warp_sum(V v) {
+#pragma unroll
+  for (int o = kWarpSize / 2; o > 0; o /= 2) v += __shfl_xor_sync(kFullMask, v, o);
+  return v;
+}
+
+template <typename V>
+__device__ __forceinline__ V warp_max(V v) {
+#pragma unroll
+  for (int o = kWarpSize / 2; o > 0; o /= 2) v = max_acc(v, __shfl_xor_sync(kFullMask, v, o));
+  return v;
+}
+
+// Shared scratch that the block reductions and scans need: one slot per warp plus a result.
+template <typename V>
+__host__ __device__ constexpr size_t block_scratch_count(int threads) {
+  return static_cast<size_t>(threads / kWarpSize + 1);
+}
+
+// Sum over the block in a fixed order (warps, then warp totals), the same on every run. The
+// result is returned to every thread. Every thread of the block must call it.
+template <typename V>
+__device__ V block_sum(V v, V* scratch) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int warps = blockDim.x / kWarpSize;
+  v = warp_sum(v);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    V total = scratch[0];
+    for (int w = 1; w < warps; ++w) total += scratch[w];
+    scratch[warps] = total;
+  }
+  __syncthreads();
+  const V total = scratch[warps];
+  __syncthreads();  // the scratch is free again once every thread has read the total
+  return total;
+}
+
+// Maximum over the block (NaN is ignored, as by fmax); same contract as block_sum.
+template <typename V>
+__device__ V block_max(V v, V* scratch) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int warps = blockDim.x / kWarpSize;
+  v = warp_max(v);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    V total = scratch[0];
+    for (int w = 1; w < warps; ++w) total = max_acc(total, scratch[w]);
+    scratch[warps] = total;
+  }
+  __syncthreads();
+  const V total = scratch[warps];
+  __syncthreads();
+  return total;
+}
+
+// Exclusive prefix sum of one int per thread in thread order; *total gets the block's sum.
+__device__ inline int block_exclusive_scan(int v, int* scratch, int* total) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int warps = blockDim.x / kWarpSize;
+  int inclusive = v;
+#pragma unroll
+  for (int o = 1; o < kWarpSize; o *= 2) {
+    const int up = __shfl_up_sync(kFullMask, inclusive, o);
+    if (lane >= o) inclusive += up;
+  }
+  if (lane == kWarpSize - 1) scratch[warp] = inclusive;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int running = 0;
+    for (int w = 0; w < warps; ++w) {
+      const int t = scratch[w];
+      scratch[w] = running;
+      running += t;
+    }
+    scratch[warps] = running;
+  }
+  __syncthreads();
+  const int result = scratch[warp] + inclusive - v;
+  *total = scratch[warps];
+  __syncthreads();
+  return result;
+}
+
+__host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+}  // namespace lococo::cuda
