@@ -1,5 +1,7 @@
 #include "fuse_kv_checks.h"
 
+#include <ATen/ATen.h>
+
 #include <c10/util/Exception.h>
 
 namespace lococo {
@@ -103,6 +105,16 @@ void check_fuse_kv_grads(const at::Tensor& grad_k, const at::Tensor& grad_v,
               "fuse_kv_backward: grad_k and grad_v must have the dtype of mem_k");
   check_same_device(grad_k, "grad_k", mem_k);
   check_same_device(grad_v, "grad_v", mem_k);
+}
+
+FuseKvGrads zero_fuse_kv_grads(const at::Tensor& mem_k, const at::Tensor& mem_v,
+                               const at::Tensor& new_k, const at::Tensor& new_v,
+                               const at::Tensor& weight, const at::Tensor& alpha) {
+  const auto contiguous = at::MemoryFormat::Contiguous;
+  return {at::zeros_like(mem_k, contiguous), at::zeros_like(mem_v, contiguous),
+          at::zeros_like(new_k, contiguous), at::zeros_like(new_v, contiguous),
+          at::zeros_like(weight, contiguous), at::zeros({weight.size(0)}, weight.options()),
+          at::zeros_like(alpha)};
 }
 
 }  // namespace lococo

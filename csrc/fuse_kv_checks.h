@@ -4,6 +4,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <tuple>
+
 namespace lococo {
 
 // Sizes of one call, read off validated arguments.
@@ -24,5 +26,14 @@ FuseKvShape check_fuse_kv_args(const at::Tensor& mem_k, const at::Tensor& mem_v,
 // The gradients of the two outputs must have the shape of the outputs.
 void check_fuse_kv_grads(const at::Tensor& grad_k, const at::Tensor& grad_v,
                          const FuseKvShape& shape, const at::Tensor& mem_k);
+
+using FuseKvGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                               at::Tensor, at::Tensor>;
+
+// The zero-filled outputs of fuse_kv_backward (gradients of mem_k, mem_v, new_k, new_v, weight,
+// bias, alpha), contiguous, for every backend's launcher to fill.
+FuseKvGrads zero_fuse_kv_grads(const at::Tensor& mem_k, const at::Tensor& mem_v,
+                               const at::Tensor& new_k, const at::Tensor& new_v,
+                               const at::Tensor& weight, const at::Tensor& alpha);
 
 }  // namespace lococo

@@ -4,20 +4,15 @@
 #include <torch/library.h>
 #include <pybind11/pybind11.h>
 
+#include "fuse_kv_schema.h"
+
 #ifndef LOCOCO_CUDA_ARCHS
 #define LOCOCO_CUDA_ARCHS ""
 #endif
 
 TORCH_LIBRARY(lococo, m) {
-  m.def(
-      "fuse_kv(Tensor mem_k, Tensor mem_v, Tensor new_k, Tensor new_v, Tensor scores, "
-      "Tensor weight, Tensor? bias, Tensor alpha, int num_heavy, int num_local=0, "
-      "Tensor? valid_len=None) -> (Tensor, Tensor)");
-  m.def(
-      "fuse_kv_backward(Tensor grad_k, Tensor grad_v, Tensor mem_k, Tensor mem_v, Tensor new_k, "
-      "Tensor new_v, Tensor scores, Tensor weight, Tensor? bias, Tensor alpha, int num_heavy, "
-      "int num_local, Tensor? valid_len) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
-      "Tensor)");
+  m.def(LOCOCO_FUSE_KV_SCHEMA);
+  m.def(LOCOCO_FUSE_KV_BACKWARD_SCHEMA);
 }
 
 PYBIND11_MODULE(_C, module) {

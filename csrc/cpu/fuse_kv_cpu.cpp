@@ -187,13 +187,9 @@ fuse_kv_backward_cpu(const at::Tensor& grad_k_in, const at::Tensor& grad_v_in,
                                            num_heavy, num_local, valid_len);
   check_fuse_kv_grads(grad_k_in, grad_v_in, s, mem_k);
   const auto grad_k = grad_k_in.contiguous(), grad_v = grad_v_in.contiguous();
-  auto d_mem_k = at::zeros_like(mem_k, at::MemoryFormat::Contiguous);
-  auto d_mem_v = at::zeros_like(mem_v, at::MemoryFormat::Contiguous);
-  auto d_new_k = at::zeros_like(new_k, at::MemoryFormat::Contiguous);
-  auto d_new_v = at::zeros_like(new_v, at::MemoryFormat::Contiguous);
-  auto d_weight = at::zeros_like(weight, at::MemoryFormat::Contiguous);
-  auto d_bias = at::zeros({s.num_fused}, weight.options());
-  auto d_alpha = at::zeros_like(alpha);
+  at::Tensor d_mem_k, d_mem_v, d_new_k, d_new_v, d_weight, d_bias, d_alpha;
+  std::tie(d_mem_k, d_mem_v, d_new_k, d_new_v, d_weight, d_bias, d_alpha) =
+      zero_fuse_kv_grads(mem_k, mem_v, new_k, new_v, weight, alpha);
   const int64_t rows = s.batch * s.heads;
   if (rows == 0 || s.d == 0) return {d_mem_k, d_mem_v, d_new_k, d_new_v, d_weight, d_bias, d_alpha};
   const cpu::Dims dm{s.d, s.num_heavy, s.num_local, s.num_fused, s.kernel};

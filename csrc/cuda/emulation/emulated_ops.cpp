@@ -3,6 +3,7 @@
 // a GPU (see check_emulated.py); the real build never compiles this file.
 #include <torch/library.h>
 
+#include "../../fuse_kv_schema.h"
 #include "../fuse_kv_launch.h"
 
 namespace lococo::cuda {
@@ -44,15 +45,8 @@ fuse_kv_backward_emulated(const at::Tensor& grad_k, const at::Tensor& grad_v, co
 }  // namespace
 
 TORCH_LIBRARY(lococo_emu, m) {
-  m.def(
-      "fuse_kv(Tensor mem_k, Tensor mem_v, Tensor new_k, Tensor new_v, Tensor scores, "
-      "Tensor weight, Tensor? bias, Tensor alpha, int num_heavy, int num_local=0, "
-      "Tensor? valid_len=None) -> (Tensor, Tensor)");
-  m.def(
-      "fuse_kv_backward(Tensor grad_k, Tensor grad_v, Tensor mem_k, Tensor mem_v, Tensor new_k, "
-      "Tensor new_v, Tensor scores, Tensor weight, Tensor? bias, Tensor alpha, int num_heavy, "
-      "int num_local, Tensor? valid_len) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
-      "Tensor)");
+  m.def(LOCOCO_FUSE_KV_SCHEMA);
+  m.def(LOCOCO_FUSE_KV_BACKWARD_SCHEMA);
 }
 
 TORCH_LIBRARY_IMPL(lococo_emu, CPU, m) {
