@@ -48,14 +48,19 @@ cpu::RowCache<T> row_of(const at::Tensor& seg_a, const at::Tensor& seg_b, int64_
 // Everything both directions need: accumulation-typed weight [k * 2d, C], bias, alpha, scores
 // in float64 (exact for every float dtype), and the first valid entry of each batch row.
 struct Prepared {
-  at::Tensor wt, bias, alpha, scores, start;
+  at::Tensor bias, alpha, scores, start;
 };
+
+// The weight in the accumulation type, laid out [k * 2d, C] for the im2col product: built only
+// by the paths that use it (the DFT path wants it tap-major instead).
+at::Tensor weight_by_tap_channel(const at::Tensor& weight, at::ScalarType acc) {
+  return weight.to(acc).permute({2, 1, 0}).contiguous();
+}
 
 Prepared prepare(const FuseKvShape& s, const at::Tensor& scores, const at::Tensor& weight,
                  const std::optional<at::Tensor>& bias, const at::Tensor& alpha,
                  const std::optional<at::Tensor>& valid_len, at::ScalarType acc) {
   Prepared p;
-  p.wt = weight.to(acc).permute({2, 1, 0}).contiguous();
   p.bias = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
   p.alpha = alpha.to(acc).reshape({});
   p.scores = scores.to(at::kDouble).contiguous();
@@ -123,7 +128,6 @@ std::tuple<at::Tensor, at::Tensor> fuse_kv_cpu(
     using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
     const Prepared p = prepare(s, scores, weight, bias, alpha, valid_len,
                                c10::CppTypeToScalarType<Acc>::value);
-    const Acc* wt = p.wt.data_ptr<Acc>();
     const Acc* bias_ptr = p.bias.defined() ? p.bias.data_ptr<Acc>() : nullptr;
     const Acc alpha_v = p.alpha.item<Acc>();
     const int64_t* start = p.start.data_ptr<int64_t>();
@@ -163,7 +167,8 @@ std::tuple<at::Tensor, at::Tensor> fuse_kv_cpu(
       cpu::conv_dft(plan, xs, lengths, w_taps.data_ptr<Acc>(), dm.num_fused, dm.channels(), zs, gemm,
                     [](int64_t b, int64_t e, const auto& fn) { at::parallel_for(b, e, 1, fn); });
     } else {
-      conv_direct_stacked(todo, lengths, wt, dm, ws, gemm);
+      const auto wt = weight_by_tap_channel(weight, c10::CppTypeToScalarType<Acc>::value);
+      conv_direct_stacked(todo, lengths, wt.data_ptr<Acc>(), dm, ws, gemm);
     }
     at::parallel_for(0, static_cast<int64_t>(todo.size()), 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
@@ -199,7 +204,8 @@ fuse_kv_backward_cpu(const at::Tensor& grad_k_in, const at::Tensor& grad_v_in,
     using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
     const auto acc = c10::CppTypeToScalarType<Acc>::value;
     const Prepared p = prepare(s, scores, weight, bias, alpha, valid_len, acc);
-    const Acc* wt = p.wt.data_ptr<Acc>();
+    const at::Tensor wt_tensor = weight_by_tap_channel(weight, acc);
+    const Acc* wt = wt_tensor.data_ptr<Acc>();
     const Acc* bias_ptr = p.bias.defined() ? p.bias.data_ptr<Acc>() : nullptr;
     const Acc alpha_v = p.alpha.item<Acc>();
     const int64_t* start = p.start.data_ptr<int64_t>();
@@ -220,7 +226,7 @@ fuse_kv_backward_cpu(const at::Tensor& grad_k_in, const at::Tensor& grad_v_in,
 
     // Reductions over rows in a fixed order, so results do not depend on the thread count.
     const int64_t ch = dm.channels(), C = s.num_fused, taps = s.kernel;
-    auto d_wt = at::zeros({taps, ch, C}, p.wt.options());
+    auto d_wt = at::zeros({taps, ch, C}, wt_tensor.options());
     Acc* d_wt_ptr = d_wt.data_ptr<Acc>();
     at::parallel_for(0, taps, 1, [&](int64_t begin, int64_t end) {
       AtenGemm<Acc> gemm;
@@ -233,7 +239,7 @@ fuse_kv_backward_cpu(const at::Tensor& grad_k_in, const at::Tensor& grad_v_in,
       }
     });
     d_weight.copy_(d_wt.permute({2, 1, 0}));
-    auto d_bias_acc = at::zeros({C}, p.wt.options());
+    auto d_bias_acc = at::zeros({C}, wt_tensor.options());
     Acc grad_alpha = Acc(0);
     for (const auto& g : per_row) {
       grad_alpha += g.grad_alpha;
