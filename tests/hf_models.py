@@ -55,4 +55,4 @@ def random_ids(batch: int, length: int, seed: int) -> torch.Tensor:
 
 def cache_kw(model, cache) -> dict:
     """``cache=`` or ``past_key_values=``, as this transformers version wants it."""
-    return {lococo.patching.cache_kwarg(model): cache}
+    return {lococo.hf.cache_kwarg(model): cache}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lococo import assets, cli
+from lococo.recipes import assets, cli
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from lococo import assets
-from lococo.demo import DEFAULT_COMPRESSOR
+from lococo.recipes import assets
+from lococo.recipes.demo import DEFAULT_COMPRESSOR
 
 
 def _assets_present() -> bool:

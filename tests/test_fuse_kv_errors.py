@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lococo
-from lococo import _library
+from lococo.ops import library as _library
 
 from conftest import kernel_devices
 from fuse_kv_samples import Case, make_args

@@ -12,7 +12,7 @@ import torch
 from hf_models import cache_kw, random_ids, tiny_compressor, tiny_model, transformers
 
 import lococo
-from lococo.patching import get_output_cache
+from lococo.hf import get_output_cache
 
 
 @pytest.mark.parametrize("fields,message", [
@@ -110,7 +110,7 @@ def test_apply_rejects_what_it_cannot_run():
     windowed = tiny_model("mistral", sliding_window=14)
     with pytest.raises(ValueError, match="sliding window of 14 tokens.*M \\+ beta = 15"):
         lococo.apply_lococo(windowed, tiny_compressor(windowed))
-    assert not lococo.patching.is_patched(model)
+    assert not lococo.hf.is_patched(model)
 
 
 def test_plain_forwards_use_the_cache_and_remove_restores():
@@ -168,7 +168,7 @@ def test_build_cache_kinds():
 def test_cache_keyword_is_the_one_this_transformers_takes(recwarn):
     model = tiny_model("llama")
     lococo.apply_lococo(model, tiny_compressor(model))
-    name = lococo.patching.cache_kwarg(model)
+    name = lococo.hf.cache_kwarg(model)
     cache = lococo.LoCoCoCache(tiny_compressor(model))
     with torch.no_grad():
         out = model(random_ids(1, 5, seed=1), **{name: cache})

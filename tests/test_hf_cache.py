@@ -8,9 +8,10 @@ import torch
 from hf_models import tiny_compressor, tiny_model
 
 import lococo
-from lococo import attention, reference
-from lococo.baselines import H2OLayer, StreamingLLMLayer
-from lococo.cache import LoCoCoLayer
+from lococo import reference
+from lococo.hf import attention
+from lococo.hf.caches.baselines import H2OLayer, StreamingLLMLayer
+from lococo.hf.caches import LoCoCoLayer
 
 B, KVH, D = 3, 2, 16
 

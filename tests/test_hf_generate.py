@@ -8,7 +8,7 @@ import torch
 from hf_models import cache_kw, random_ids, tiny_compressor, tiny_model
 
 import lococo
-from lococo.patching import get_output_cache
+from lococo.hf import get_output_cache
 
 MODES = {
     "greedy": dict(do_sample=False),

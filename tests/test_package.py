@@ -43,7 +43,7 @@ def test_import_falls_back_to_the_reference_without_the_library():
 
 
 def test_showcase_runs_and_kernel_agrees_with_reference():
-    out = subprocess.run([sys.executable, "-m", "lococo.showcase", "--tokens", "300"],
+    out = subprocess.run([sys.executable, "-m", "lococo.recipes.showcase", "--tokens", "300"],
                          capture_output=True, text=True, check=True, timeout=300).stdout
     assert "at most 145 entries stored per head" in out
     if lococo.has_kernel("cpu"):

@@ -14,7 +14,8 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from lococo import LoCoCoCompressor, cli  # noqa: E402
+from lococo import LoCoCoCompressor  # noqa: E402
+from lococo.recipes import cli  # noqa: E402
 
 WORDS = ("the cache keeps a fixed number of slots while the text grows and a small "
          "convolution mixes old entries into them so that memory stays bounded").split()

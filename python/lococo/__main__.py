@@ -1,5 +1,5 @@
 """`python -m lococo ...`: the same command line as the `lococo` entry point."""
 
-from .cli import main
+from .recipes.cli import main
 
 raise SystemExit(main())

@@ -163,7 +163,7 @@ class LoCoCoCompressor(nn.Module):
         """Writes lococo_config.json and lococo_compressor.safetensors into the folder ``path``."""
         from safetensors.torch import save_file
 
-        from . import __version__
+        from ._version import __version__
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,8 @@ import platform
 
 import torch
 
-from . import __version__, _library
+from . import __version__
+from .ops import library as _library
 
 
 def collect() -> dict:

@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-PRETRAINED = Path(__file__).resolve().parent / "pretrained"
+PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained"
 DEFAULT_COMPRESSOR = PRETRAINED / "smollm2-135m-m128"
 
 
@@ -60,10 +60,11 @@ def main(args) -> int:
     import torch
 
     from . import assets
-    from .baselines import build_cache
-    from .compressor import LoCoCoCompressor
+    from ..hf.caches import build_cache
+    from ..compressor import LoCoCoCompressor
     from .evaluate import token_losses
-    from .patching import apply_lococo, cache_kwarg
+    from ..hf.compat import cache_kwarg
+    from ..hf.patching import apply_lococo
 
     torch.manual_seed(0)
     model, tokenizer = assets.load_model(args.cache)

@@ -13,15 +13,15 @@ What it changes on the model instance (``remove_lococo`` undoes all of it):
 from __future__ import annotations
 
 import functools
-import inspect
 import warnings
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from . import attention
-from .cache import FixedSlotCache, LoCoCoCache
-from .compressor import LoCoCoCompressor
+from .caches import FixedSlotCache, LoCoCoCache
+from .compat import cache_kwarg
+from ..compressor import LoCoCoCompressor
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "apply_lococo", "cache_kwarg", "get_output_cache", "is_patched", "remove_lococo"]
 
@@ -52,21 +52,6 @@ class _PatchState:
     original_attn: str
     cache_kwarg: str
     hooks: list = field(default_factory=list)
-
-
-def cache_kwarg(model) -> str:
-    """The name under which this transformers version passes a cache: "cache" (5.24) or "past_key_values"."""
-    params = inspect.signature(type(model).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def get_output_cache(outputs):
-    """The cache in a model output, whatever this transformers version calls it (None if absent)."""
-    for name in ("cache", "past_key_values"):
-        value = outputs.get(name) if isinstance(outputs, dict) else getattr(outputs, name, None)
-        if value is not None:
-            return value
-    return None
 
 
 def _support_for(model) -> ModelSupport:

@@ -1,4 +1,4 @@
-"""`python -m lococo.showcase`: the fuse_kv op on SmolLM2-shaped inputs, against the reference.
+"""`python -m lococo.recipes.showcase`: the fuse_kv op on SmolLM2-shaped inputs, against the reference.
 
 Streams random keys and values of a 3-KV-head, d = 64 layer through a 128-slot cache that
 compresses whenever it holds more than M + beta entries (SPEC section 3), with the compiled
@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from . import _library, reference
-from .compressor import LayerCompressor
+from ..ops import library as _library, reference
+from ..compressor import LayerCompressor
 
 
 def stream(compress, layer, tokens: int, slots: int, beta: int, heads: int, d: int, seed: int):
@@ -42,7 +42,7 @@ def stream(compress, layer, tokens: int, slots: int, beta: int, heads: int, d: i
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lococo.showcase", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m lococo.recipes.showcase", description=__doc__)
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--slots", type=int, default=128)
     args = parser.parse_args(argv)

@@ -169,7 +169,7 @@ def load_llm(args):
 
 
 def lococo_config(args):
-    from .config import LoCoCoConfig
+    from ..config import LoCoCoConfig
 
     return LoCoCoConfig(num_slots=args.num_slots, rho=args.rho, beta=args.beta,
                         kernel_size=args.kernel_size, num_local=args.num_local,
@@ -229,7 +229,7 @@ def make_train_module(model, compressor):
     """
     import torch
 
-    from .patching import cache_kwarg
+    from ..hf.compat import cache_kwarg
 
     name = cache_kwarg(model)
 
@@ -252,8 +252,8 @@ def sequence_losses(module, inner, ids, chunk_size: int, backward) -> list[float
     is detached after every chunk (``lococo.iter_chunks``), so the graph of a chunk reaches
     the compression that built its slots but not the chunks before.
     """
-    from .baselines import build_cache
-    from .chunked import iter_chunks
+    from ..hf.caches import build_cache
+    from ..hf.chunked import iter_chunks
 
     cache = build_cache("lococo", inner.llm, inner.compressor)
     losses = []
@@ -374,8 +374,8 @@ def main(args) -> int:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from .compressor import LoCoCoCompressor
-    from .patching import apply_lococo, remove_lococo
+    from ..compressor import LoCoCoCompressor
+    from ..hf.patching import apply_lococo, remove_lococo
 
     output = Path(args.output)
     # Several backward calls per sequence, and the first chunks of a sequence do not reach the

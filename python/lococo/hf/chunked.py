@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .patching import cache_kwarg, get_output_cache
+from .compat import cache_kwarg, get_output_cache
 
 __all__ = ["ChunkOutput", "NLLOutput", "chunked_nll", "iter_chunks"]
 

@@ -85,7 +85,7 @@ def token_losses(model, ids, cache, chunk_size: int) -> tuple[list[float], int, 
     """Per-token NLL of ids[0, 1:], chunk by chunk; the peak KV bytes and stored entries."""
     import torch
 
-    from .chunked import iter_chunks
+    from ..hf.chunked import iter_chunks
 
     losses: list[float] = []
     peak_bytes = peak_entries = 0
@@ -197,9 +197,9 @@ def main(args) -> int:
     import lococo
 
     from . import assets
-    from .baselines import build_cache
-    from .compressor import LoCoCoCompressor
-    from .patching import apply_lococo
+    from ..hf.caches import build_cache
+    from ..compressor import LoCoCoCompressor
+    from ..hf.patching import apply_lococo
 
     methods = (args.methods.split(",") if args.methods
                else [m for m in METHODS if m != "lococo" or args.compressor])

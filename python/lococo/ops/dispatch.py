@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _library, reference
-from ._checks import check_fuse_kv_args
+from . import library as _library, reference
+from .checks import check_fuse_kv_args
 
 __all__ = ["fuse_kv"]
 

@@ -1,11 +1,10 @@
-"""Baseline fixed-slot caches at the same M as LoCoCo (SPEC section 6), and a cache factory.
+"""Baseline fixed-slot caches at the same M as LoCoCo (SPEC section 6).
 
 - H2O: same trigger and same scores as LoCoCo (latest attention call); keeps the top-M entries
   (ties to the lower index, NaN scores last), in cache order, nothing fused.
 - StreamingLLM: the first ``num_sink`` valid entries (4) plus the most recent M - num_sink. Keys
   keep their original positions (no re-rotation, as every cache here). Needs no scores, so it
   works on any attention backend.
-- Full: transformers' own ``DynamicCache``.
 
 Rows with fewer than M valid entries keep them all, right-aligned, as in ``fuse_kv``.
 """
@@ -13,13 +12,10 @@ Rows with fewer than M valid entries keep them all, right-aligned, as in ``fuse_
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import DynamicCache
+from ...ops.reference import rank_order
+from .fixed_slot import FixedSlotCache, FixedSlotLayer
 
-from .cache import FixedSlotCache, FixedSlotLayer, LoCoCoCache
-from .compressor import LoCoCoCompressor, ModelGeometry
-from .reference import rank_order
-
-__all__ = ["H2OCache", "H2OLayer", "StreamingLLMCache", "StreamingLLMLayer", "build_cache"]
+__all__ = ["H2OCache", "H2OLayer", "StreamingLLMCache", "StreamingLLMLayer"]
 
 
 def _gather_slots(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, keep: torch.Tensor):
@@ -89,35 +85,3 @@ class StreamingLLMCache(FixedSlotCache):
 
     def __init__(self, num_layers: int, num_slots: int, beta: int = 16, num_sink: int = 4):
         super().__init__([StreamingLLMLayer(num_slots, beta, num_sink) for _ in range(num_layers)])
-
-
-CACHE_KINDS = ("lococo", "h2o", "streaming", "full")
-
-
-def build_cache(kind: str, model, compressor: LoCoCoCompressor | None = None, num_slots: int | None = None,
-                beta: int | None = None):
-    """A fresh cache of one kind for ``model``: "lococo", "h2o", "streaming" or "full".
-
-    "lococo" needs ``compressor``; the baselines take ``num_slots`` and ``beta`` from it when given,
-    else from the arguments (beta defaults to 16).
-    """
-    if kind not in CACHE_KINDS:
-        raise ValueError(f"kind must be one of {CACHE_KINDS}, got {kind!r}")
-    config = getattr(model, "config", model)
-    if kind == "full":
-        return DynamicCache(config=config)
-    if kind == "lococo":
-        if compressor is None:
-            raise ValueError("build_cache('lococo', ...) needs a compressor")
-        compressor.check_model(config)
-        return LoCoCoCache(compressor)
-    if compressor is not None:
-        num_slots = compressor.config.num_slots if num_slots is None else num_slots
-        beta = compressor.config.beta if beta is None else beta
-    if num_slots is None:
-        raise ValueError(f"build_cache({kind!r}, ...) needs num_slots (or a compressor to take it from)")
-    beta = 16 if beta is None else beta
-    num_layers = ModelGeometry.of(config).num_layers
-    if kind == "h2o":
-        return H2OCache(num_layers, num_slots, beta)
-    return StreamingLLMCache(num_layers, num_slots, beta)

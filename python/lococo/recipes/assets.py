@@ -42,7 +42,7 @@ from pathlib import Path
 FETCH_COMMAND = "python -m lococo assets fetch"
 CACHE_ENV = "LOCOCO_CACHE"
 MARKER = ".complete.json"
-SPLITS_FILE = Path(__file__).resolve().parent / "data" / "splits.json"
+SPLITS_FILE = Path(__file__).resolve().parent.parent / "data" / "splits.json"
 
 __all__ = [
     "FETCH_COMMAND", "MODEL", "SOURCES", "AssetError", "AssetMissingError", "Document", "Split",

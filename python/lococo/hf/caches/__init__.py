@@ -1,0 +1,47 @@
+"""Fixed-size caches: LoCoCo and the training-free baselines at the same memory, and ``build_cache``.
+
+"full" is transformers' own ``DynamicCache``.
+"""
+
+from __future__ import annotations
+
+from transformers.cache_utils import DynamicCache
+
+from ...compressor import LoCoCoCompressor, ModelGeometry
+from .baselines import H2OCache, StreamingLLMCache
+from .fixed_slot import FixedSlotCache, FixedSlotLayer, LoCoCoCache, LoCoCoLayer
+
+__all__ = ["CACHE_KINDS", "FixedSlotCache", "FixedSlotLayer", "H2OCache", "LoCoCoCache", "LoCoCoLayer",
+           "StreamingLLMCache", "build_cache"]
+
+
+CACHE_KINDS = ("lococo", "h2o", "streaming", "full")
+
+
+def build_cache(kind: str, model, compressor: LoCoCoCompressor | None = None, num_slots: int | None = None,
+                beta: int | None = None):
+    """A fresh cache of one kind for ``model``: "lococo", "h2o", "streaming" or "full".
+
+    "lococo" needs ``compressor``; the baselines take ``num_slots`` and ``beta`` from it when given,
+    else from the arguments (beta defaults to 16).
+    """
+    if kind not in CACHE_KINDS:
+        raise ValueError(f"kind must be one of {CACHE_KINDS}, got {kind!r}")
+    config = getattr(model, "config", model)
+    if kind == "full":
+        return DynamicCache(config=config)
+    if kind == "lococo":
+        if compressor is None:
+            raise ValueError("build_cache('lococo', ...) needs a compressor")
+        compressor.check_model(config)
+        return LoCoCoCache(compressor)
+    if compressor is not None:
+        num_slots = compressor.config.num_slots if num_slots is None else num_slots
+        beta = compressor.config.beta if beta is None else beta
+    if num_slots is None:
+        raise ValueError(f"build_cache({kind!r}, ...) needs num_slots (or a compressor to take it from)")
+    beta = 16 if beta is None else beta
+    num_layers = ModelGeometry.of(config).num_layers
+    if kind == "h2o":
+        return H2OCache(num_layers, num_slots, beta)
+    return StreamingLLMCache(num_layers, num_slots, beta)

@@ -1,0 +1,1 @@
+"""What the ``lococo`` command runs: assets, training, evaluation, the demo and the showcase."""
