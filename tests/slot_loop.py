@@ -1,0 +1,207 @@
+"""An independent fixed-slot cache, written from the contract for the integration tests to compare with.
+
+It uses none of transformers' caches, masks or attention functions and none of lococo's caches,
+attention functions, reference or op: it runs a Llama-family model's own weights layer by layer,
+keeps per-layer keys and values with an explicit valid flag per entry, compresses a row when
+more than M + beta entries are stored (H2O, StreamingLLM or LoCoCo, each written below one row
+and one KV head at a time with plain Python ranking), attends with every valid slot visible and
+the new entries causal, and keeps the latest call's summed probabilities as the scores.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+apply_rotary_pos_emb = pytest.importorskip("transformers.models.llama.modeling_llama").apply_rotary_pos_emb
+
+
+def best_first(scores: list[float], candidates) -> list[int]:
+    """Candidates by score, larger first; ties to the lower index."""
+    return sorted(candidates, key=lambda j: (-scores[j], j))
+
+
+def h2o_keep(scores: list[float], num_slots: int, num_local: int) -> list[int]:
+    """Indices (cache order) H2O keeps of n valid entries: the num_local last plus the best others."""
+    n = len(scores)
+    if n <= num_slots:
+        return list(range(n))
+    local = list(range(n - num_local, n))
+    return sorted(best_first(scores, range(n - num_local))[:num_slots - num_local] + local)
+
+
+def streaming_keep(n: int, num_slots: int, num_sink: int) -> list[int]:
+    """Indices StreamingLLM keeps of n valid entries: the first num_sink and the most recent others."""
+    if n <= num_slots:
+        return list(range(n))
+    return list(range(num_sink)) + list(range(n - (num_slots - num_sink), n))
+
+
+def conv1d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Z[c, t] = bias[c] + sum over taps o and features f of weight[c, f, o] * x[t + o - (k - 1) / 2, f].
+
+    x [n, f]; zeros outside the sequence ("same" padding). Written as explicit windows.
+    """
+    n, features = x.shape
+    k = weight.shape[-1]
+    pad = x.new_zeros((k - 1) // 2, features)
+    padded = torch.cat([pad, x, pad])
+    windows = torch.stack([padded[t:t + k] for t in range(n)])           # [n, k, f]
+    return torch.einsum("tof,cfo->ct", windows, weight) + bias[:, None]
+
+
+def lococo_slots(keys, values, scores: list[float], weight, bias, alpha: float, num_heavy: int, num_local: int):
+    """LoCoCo's compression of one row and one KV head, step by step (keys/values [n, d] valid entries).
+
+    Returns keys and values [M, d]: the heavy hitters in cache order, then the fused slots.
+    """
+    n = keys.shape[0]
+    num_fused = weight.shape[0]
+    local = list(range(n - num_local, n))
+    heavy = sorted(local + best_first(scores, range(n - num_local))[:num_heavy - num_local])
+    rest = [j for j in range(n) if j not in heavy]
+    rest_scores = [scores[j] for j in rest]
+    picks = sorted(best_first(rest_scores, range(len(rest)))[:num_fused])
+    one_hot = keys.new_zeros(num_fused, len(rest))
+    for slot, pick in enumerate(picks):
+        one_hot[slot, pick] = 1.0
+    k_rest, v_rest = keys[rest], values[rest]
+    z = conv1d_same(torch.cat([k_rest, v_rest], dim=-1), weight, bias)
+    mix = (1 - alpha) * one_hot + alpha * torch.softmax(torch.relu(z), dim=-1)
+    return torch.cat([keys[heavy], mix @ k_rest]), torch.cat([values[heavy], mix @ v_rest])
+
+
+class SlotLoop:
+    """A fixed-slot cache and the model's forward, step by step.
+
+    ``policy`` is "h2o" (``num_local``), "streaming" (``num_sink``) or "lococo" (``compressor``).
+    """
+
+    def __init__(self, model, policy: str, num_slots: int, beta: int, num_local: int = 0, num_sink: int = 4,
+                 compressor=None):
+        self.model, self.policy = model, policy
+        self.num_slots, self.beta = num_slots, beta
+        self.num_local, self.num_sink, self.compressor = num_local, num_sink, compressor
+        n_layers = len(model.model.layers)
+        self.keys: list[torch.Tensor | None] = [None] * n_layers     # [b, kv_heads, L, d]
+        self.values: list[torch.Tensor | None] = [None] * n_layers
+        self.valid: list[torch.Tensor | None] = [None] * n_layers    # [b, L] bool
+        self.scores: list[torch.Tensor | None] = [None] * n_layers   # [b, kv_heads, L], latest call
+        self.num_compressions = 0
+
+    def _keep_row(self, layer: int, keys, values, scores):
+        """keys/values [h, n, d] and scores [h, n] of one row's valid entries -> kept [h, m, d] each."""
+        out_k, out_v = [], []
+        for head in range(keys.shape[0]):
+            k, v, s = keys[head], values[head], scores[head].tolist()
+            if self.policy == "lococo":
+                c = self.compressor[layer]
+                cfg = self.compressor.config
+                if len(s) < self.num_slots:
+                    out_k.append(k), out_v.append(v)
+                    continue
+                bias = c.bias.detach().double() if c.bias is not None else torch.zeros(c.weight.shape[0]).double()
+                kk, vv = lococo_slots(k.double(), v.double(), s, c.weight.detach().double(), bias,
+                                      float(c.alpha), cfg.heavy_slots, cfg.num_local)
+                out_k.append(kk.to(k.dtype)), out_v.append(vv.to(v.dtype))
+                continue
+            if self.policy == "h2o":
+                index = h2o_keep(s, self.num_slots, self.num_local)
+            else:
+                index = streaming_keep(len(s), self.num_slots, self.num_sink)
+            out_k.append(k[index]), out_v.append(v[index])
+        return torch.stack(out_k), torch.stack(out_v)
+
+    def _compress(self, layer: int) -> None:
+        keys, values, valid, scores = self.keys[layer], self.values[layer], self.valid[layer], self.scores[layer]
+        b, h, _, d = keys.shape
+        M = self.num_slots
+        new_k, new_v = keys.new_zeros(b, h, M, d), values.new_zeros(b, h, M, d)
+        new_valid = torch.zeros(b, M, dtype=torch.bool)
+        for row in range(b):
+            index = valid[row].nonzero().flatten()
+            kept_k, kept_v = self._keep_row(layer, keys[row][:, index], values[row][:, index], scores[row][:, index])
+            m = kept_k.shape[1]
+            new_k[row, :, M - m:], new_v[row, :, M - m:] = kept_k, kept_v    # right-aligned, empty slots first
+            new_valid[row, M - m:] = True
+        self.keys[layer], self.values[layer], self.valid[layer] = new_k, new_v, new_valid
+        if layer == 0:
+            self.num_compressions += 1
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits [b, q, vocab] of the new tokens ``ids`` [b, q] (``valid`` False for left padding)."""
+        inner = self.model.model
+        b, q = ids.shape
+        x = inner.embed_tokens(ids)
+        cos, sin = inner.rotary_emb(x, positions)
+        for i, layer in enumerate(inner.layers):
+            attn = layer.self_attn
+            d = attn.head_dim
+            h = layer.input_layernorm(x)
+            qs = attn.q_proj(h).view(b, q, -1, d)
+            ks = attn.k_proj(h).view(b, q, -1, d)
+            vs = attn.v_proj(h).view(b, q, -1, d).transpose(1, 2)
+            if hasattr(attn, "q_norm"):  # Qwen3
+                qs, ks = attn.q_norm(qs), attn.k_norm(ks)
+            qs, ks = apply_rotary_pos_emb(qs.transpose(1, 2), ks.transpose(1, 2), cos, sin)
+            if self.keys[i] is not None and self.keys[i].shape[2] > self.num_slots + self.beta:
+                self._compress(i)
+            if self.keys[i] is None:
+                self.keys[i], self.values[i], self.valid[i] = ks, vs, valid.clone()
+            else:
+                self.keys[i] = torch.cat([self.keys[i], ks], 2)
+                self.values[i] = torch.cat([self.values[i], vs], 2)
+                self.valid[i] = torch.cat([self.valid[i], valid], 1)
+            K, V = self.keys[i], self.values[i]
+            L, kvh = K.shape[2], K.shape[1]
+            stored, groups = L - q, qs.shape[1] // kvh
+            causal = torch.arange(L) < stored + torch.arange(q).unsqueeze(-1) + 1        # [q, L]
+            allowed = causal & self.valid[i][:, None, :]                                   # [b, q, L]
+            grouped = qs.reshape(b, kvh, groups, q, d)        # query heads of a KV group are contiguous
+            logits = torch.einsum("bkgqd,bkld->bkgql", grouped, K) * attn.scaling
+            p = torch.softmax(logits.masked_fill(~allowed[:, None, None], float("-inf")), dim=-1)
+            p = p.nan_to_num(0.0)                              # a query that sees no key contributes nothing
+            self.scores[i] = p.sum((2, 3))
+            out = torch.einsum("bkgql,bkld->bqkgd", p, V).reshape(b, q, -1)
+            x = x + attn.o_proj(out)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.model.lm_head(inner.norm(x))
+
+    def valid_entries(self, layer: int, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [kv_heads, n, d] of one row's valid entries in one layer, in cache order."""
+        index = self.valid[layer][row].nonzero().flatten()
+        return self.keys[layer][row][:, index], self.values[layer][row][:, index]
+
+
+def run_chunks(loop: SlotLoop, ids: torch.Tensor, mask: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Logits [b, T, vocab] of a left-padded batch fed ``chunk`` tokens at a time."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = [loop.forward(ids[:, s:s + chunk], mask[:, s:s + chunk].bool(), positions[:, s:s + chunk])
+           for s in range(0, ids.shape[1], chunk)]
+    return torch.cat(out, 1)
+
+
+def greedy(loop: SlotLoop, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int,
+           chunk: int | None = None) -> torch.Tensor:
+    """Greedy decoding: the prompt (in chunks), then one token per step. Returns [b, T + new_tokens]."""
+    logits = run_chunks(loop, ids, mask, chunk or ids.shape[1])
+    next_position = mask.sum(-1, keepdim=True)
+    seq = ids
+    for step in range(new_tokens):
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, token], 1)
+        if step == new_tokens - 1:
+            break
+        logits = loop.forward(token, torch.ones_like(token, dtype=torch.bool), next_position)
+        next_position = next_position + 1
+    return seq
+
+
+def left_padded(ids: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids with each row's first T - n tokens replaced by the pad token 0, and the 2D mask."""
+    T = ids.shape[1]
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, T - n:] = 1
+    return ids.masked_fill(mask == 0, 0), mask

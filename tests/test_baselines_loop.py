@@ -1,0 +1,126 @@
+"""H2O and StreamingLLM through transformers against the independent loop of ``slot_loop.py``.
+
+The caches are built with their defaults (beta = 16; H2O keeps no protected recent entry;
+StreamingLLM keeps 4 sinks, as the contract says) and with other settings, on left-padded batches,
+chunk by chunk (``chunked_nll``) and in ``generate()``, token by token.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_models import cache_kw, random_ids, tiny_model
+from slot_loop import SlotLoop, greedy, h2o_keep, left_padded, run_chunks, streaming_keep
+
+import lococo
+from lococo.hf import get_output_cache
+from lococo.hf.caches.baselines import H2OLayer, StreamingLLMLayer
+
+M = 12
+LENGTHS = [70, 57, 31, 9]   # 9 < M: that row keeps every entry at each compression
+
+
+def caches(kind: str, model, settings: dict):
+    """The cache under test and the loop with the contract's settings spelled out."""
+    layers = len(model.model.layers)
+    if kind == "h2o":
+        cache = lococo.H2OCache(layers, M, **settings)
+        loop = SlotLoop(model, "h2o", M, settings.get("beta", 16), num_local=settings.get("num_local", 0))
+    elif kind == "streaming":
+        cache = lococo.StreamingLLMCache(layers, M, **settings)
+        loop = SlotLoop(model, "streaming", M, settings.get("beta", 16), num_sink=settings.get("num_sink", 4))
+    else:  # what `lococo eval` builds
+        cache = lococo.build_cache(kind.removeprefix("build_"), model, num_slots=M)
+        loop = SlotLoop(model, kind.removeprefix("build_"), M, 16)
+    return cache, loop
+
+
+CASES = [
+    # kind, settings (empty: the defaults), attention, chunk
+    ("h2o", {}, "sdpa", 7),
+    ("h2o", {}, "eager", 16),
+    ("h2o", {"beta": 3, "num_local": 2}, "sdpa", 5),
+    ("streaming", {}, "sdpa", 7),
+    ("streaming", {}, "eager", 16),
+    ("streaming", {"beta": 2, "num_sink": 1}, "sdpa", 5),
+    ("build_h2o", {}, "sdpa", 8),
+    ("build_streaming", {}, "sdpa", 8),
+]
+
+
+@pytest.mark.parametrize("kind,settings,attn,chunk", CASES)
+def test_chunked_forward_matches_the_loop(kind, settings, attn, chunk):
+    model = tiny_model("llama", attn, seed=50)
+    lococo.apply_lococo(model, None)
+    ids, mask = left_padded(random_ids(len(LENGTHS), max(LENGTHS), seed=51), LENGTHS)
+    cache, loop = caches(kind, model, settings)
+    with torch.no_grad():
+        got = lococo.chunked_nll(model, ids, cache, chunk, attention_mask=mask, return_logits=True)
+    want = run_chunks(loop, ids, mask, chunk)
+    assert cache.num_compressions == loop.num_compressions >= 2, "the test must exercise compression"
+    real = mask.bool()
+    torch.testing.assert_close(got.logits[real], want[real], rtol=1e-4, atol=1e-4)
+    for i, layer in enumerate(cache.layers):
+        for row in range(len(LENGTHS)):
+            n = int(layer.valid_len[row])
+            want_k, want_v = loop.valid_entries(i, row)
+            assert want_k.shape[1] == n
+            torch.testing.assert_close(layer.keys[row, :, layer.stored_length - n:], want_k, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(layer.values[row, :, layer.stored_length - n:], want_v, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["h2o", "streaming"])
+@pytest.mark.parametrize("attn,prefill_chunk", [("sdpa", None), ("eager", 8), ("sdpa", 5)])
+def test_generate_matches_the_loop_token_by_token(kind, attn, prefill_chunk):
+    model = tiny_model("llama", attn, seed=52)
+    lococo.apply_lococo(model, None)
+    lengths = [40, 33, 6]
+    ids, mask = left_padded(random_ids(len(lengths), max(lengths), seed=53), lengths)
+    cache, loop = caches(kind, model, {})
+    new_tokens = 40
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                             prefill_chunk_size=prefill_chunk, return_dict_in_generate=True, **cache_kw(model, cache))
+    assert get_output_cache(out) is cache
+    want = greedy(loop, ids, mask, new_tokens, chunk=prefill_chunk)
+    assert cache.num_compressions == loop.num_compressions >= 2
+    assert torch.equal(out.sequences, want)
+
+
+@pytest.mark.parametrize("kind", ["h2o", "streaming"])
+def test_layer_defaults_keep_what_the_contract_says(kind):
+    """The layers built with their defaults alone, on padded rows: the kept entries by index."""
+    layer = H2OLayer(M) if kind == "h2o" else StreamingLLMLayer(M)
+    assert layer.beta == 16
+    stored, pads = 30, [0, 7, 18, 25]       # 30, 23, 12 (= M) and 5 valid entries
+    keys = torch.arange(len(pads) * 2 * stored, dtype=torch.float32).view(len(pads), 2, stored, 1).expand(-1, -1, -1, 4)
+    layer.update(keys, keys + 0.5, new_valid=torch.tensor([stored - p for p in pads]))
+    scores = torch.rand(len(pads), 2, stored, generator=torch.Generator().manual_seed(56))
+    if kind == "h2o":
+        layer.record_scores(scores)
+    got, _ = layer.update(keys[:, :, :1], keys[:, :, :1])    # compresses (30 > M + 16), then appends one
+    for row, pad in enumerate(pads):
+        n = stored - pad
+        for head in range(2):
+            if kind == "h2o":
+                kept = h2o_keep(scores[row, head, pad:].tolist(), M, 0)
+            else:
+                kept = streaming_keep(n, M, 4)
+            want = keys[row, head, [pad + j for j in kept], 0]
+            assert torch.equal(got[row, head, M - len(kept):M, 0], want)
+            assert torch.all(got[row, head, :M - len(kept)] == 0)
+
+
+def test_streaming_generate_on_the_plain_backend_matches_the_loop():
+    """StreamingLLM needs no scores: unpatched sdpa, no padding, the defaults but a small beta."""
+    model = tiny_model("llama", "sdpa", seed=54)
+    ids = random_ids(2, 30, seed=55)
+    cache = lococo.StreamingLLMCache(2, num_slots=M, beta=3)
+    with torch.no_grad():
+        got = model.generate(ids, max_new_tokens=25, do_sample=False, **cache_kw(model, cache))
+    assert model.config._attn_implementation == "sdpa"
+    loop = SlotLoop(model, "streaming", M, 3, num_sink=4)
+    want = greedy(loop, ids, torch.ones_like(ids), 25)
+    assert cache.num_compressions == loop.num_compressions >= 4
+    assert torch.equal(got, want)
