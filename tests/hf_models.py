@@ -56,3 +56,17 @@ def random_ids(batch: int, length: int, seed: int) -> torch.Tensor:
 def cache_kw(model, cache) -> dict:
     """``cache=`` or ``past_key_values=``, as this transformers version wants it."""
     return {lococo.hf.cache_kwarg(model): cache}
+
+
+def save_byte_level_model(folder, seed: int = 0) -> None:
+    """A tiny Llama (GQA) with a byte-level tokenizer saved like a real checkpoint, for the command line."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE({ch: i for i, ch in enumerate(alphabet)}, []))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=backend).save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = tiny_config("llama", vocab_size=len(alphabet), pad_token_id=None)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
