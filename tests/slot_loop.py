@@ -174,18 +174,24 @@ class SlotLoop:
         return self.keys[layer][row][:, index], self.values[layer][row][:, index]
 
 
-def run_chunks(loop: SlotLoop, ids: torch.Tensor, mask: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Logits [b, T, vocab] of a left-padded batch fed ``chunk`` tokens at a time."""
+def run_chunks(loop: SlotLoop, ids: torch.Tensor, mask: torch.Tensor, chunk: int, fed: int = 0) -> torch.Tensor:
+    """Logits [b, T - fed, vocab] of a left-padded batch fed ``chunk`` tokens at a time.
+
+    ``ids`` and ``mask`` [b, T] cover every token; the loop already holds the first ``fed``.
+    """
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = [loop.forward(ids[:, s:s + chunk], mask[:, s:s + chunk].bool(), positions[:, s:s + chunk])
-           for s in range(0, ids.shape[1], chunk)]
+           for s in range(fed, ids.shape[1], chunk)]
     return torch.cat(out, 1)
 
 
-def greedy(loop: SlotLoop, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int,
-           chunk: int | None = None) -> torch.Tensor:
-    """Greedy decoding: the prompt (in chunks), then one token per step. Returns [b, T + new_tokens]."""
-    logits = run_chunks(loop, ids, mask, chunk or ids.shape[1])
+def greedy_decode(loop: SlotLoop, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int,
+           chunk: int | None = None, fed: int = 0) -> torch.Tensor:
+    """Greedy decoding, one token per step after the prompt; returns [b, T + new_tokens].
+
+    The loop already holds the first ``fed`` tokens of ``ids``; the rest is fed ``chunk`` at a time.
+    """
+    logits = run_chunks(loop, ids, mask, chunk or ids.shape[1] - fed, fed)
     next_position = mask.sum(-1, keepdim=True)
     seq = ids
     for step in range(new_tokens):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hf_models import cache_kw, random_ids, tiny_compressor, tiny_model
+from slot_loop import SlotLoop, greedy_decode
 
 import lococo
 from lococo.hf import get_output_cache
@@ -91,11 +92,15 @@ def test_greedy_with_compression_matches_manual_loop(arch, attn, prefill_chunk):
     want = manual_decode(model, ids, lococo.LoCoCoCache(compressor), 30, chunk=prefill_chunk)
     assert torch.equal(out.sequences, want)
     assert cache.num_compressions >= 6
+    # and against the loop written from the contract, which shares no code with the cache
+    M, beta = compressor.config.num_slots, compressor.config.beta
+    loop = SlotLoop(model, "lococo", M, beta, compressor=compressor)
+    assert torch.equal(out.sequences, greedy_decode(loop, ids, torch.ones_like(ids), 30, chunk=prefill_chunk))
+    assert loop.num_compressions == cache.num_compressions
 
     # SPEC 3 schedule: compress to M when more than M + beta are stored, then append what is fed.
     # So a call stores at most M + beta + fed entries; once a prefill chunk B > beta has followed a
     # compression, every later chunk finds M + B > M + beta stored and stores M + B again.
-    M, beta = compressor.config.num_slots, compressor.config.beta
     stored, seen, compressed = 0, 0, False
     for fed, lengths, seq_len in record.calls:
         compressed |= stored > M + beta
@@ -169,6 +174,8 @@ def test_left_padded_batch(attn):
         assert torch.equal(batch.sequences[row], alone[0])
     manual = manual_decode(model, padded, lococo.LoCoCoCache(compressor), 24, attention_mask=mask)
     assert torch.equal(batch.sequences, manual)
+    loop = SlotLoop(model, "lococo", compressor.config.num_slots, compressor.config.beta, compressor=compressor)
+    assert torch.equal(batch.sequences, greedy_decode(loop, padded, mask, 24))
 
 
 def test_multi_turn_reuse_feeds_only_new_tokens():
@@ -192,6 +199,11 @@ def test_multi_turn_reuse_feeds_only_new_tokens():
     assert torch.equal(seq1, turn1.sequences)
     want = manual_decode(model, follow_up, manual, 15)
     assert torch.equal(turn2.sequences, want)
+    # and through the loop written from the contract: turn 2 feeds what the loop has not seen yet
+    loop = SlotLoop(model, "lococo", compressor.config.num_slots, compressor.config.beta, compressor=compressor)
+    assert torch.equal(turn1.sequences, greedy_decode(loop, first, torch.ones_like(first), 15))
+    seen = turn1.sequences.shape[1] - 1
+    assert torch.equal(turn2.sequences, greedy_decode(loop, follow_up, torch.ones_like(follow_up), 15, fed=seen))
 
 
 def test_h2o_equals_lococo_with_alpha_zero():
@@ -215,10 +227,12 @@ def test_streaming_llm_runs_on_the_plain_backend():
     big = lococo.StreamingLLMCache(2, num_slots=64)
     got = generate(model, ids, max_new_tokens=20, do_sample=False, **cache_kw(model, big)).sequences
     assert torch.equal(got, want) and model.config._attn_implementation == "sdpa"
-    small = lococo.StreamingLLMCache(2, num_slots=12, beta=3)
+    small = lococo.StreamingLLMCache(2, num_slots=12, beta=3)   # the default 4 sinks
     got = generate(model, ids, max_new_tokens=20, do_sample=False, **cache_kw(model, small)).sequences
-    assert small.num_compressions >= 4 and got.shape == want.shape
-    assert max(small.stored_lengths) <= 12 + 3 + 1
+    assert small.num_compressions >= 4 and max(small.stored_lengths) <= 12 + 3 + 1
+    loop = SlotLoop(model, "streaming", 12, 3, num_sink=4)
+    assert torch.equal(got, greedy_decode(loop, ids, torch.ones_like(ids), 20))
+    assert loop.num_compressions == small.num_compressions
 
 
 def test_h2o_without_scores_says_what_to_do():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hf_models import cache_kw, random_ids, tiny_compressor, tiny_model
-from slot_loop import SlotLoop, greedy, left_padded, lococo_slots, run_chunks
+from slot_loop import SlotLoop, greedy_decode, left_padded, lococo_slots, run_chunks
 
 import lococo
 from lococo.hf.caches import LoCoCoLayer
@@ -111,6 +111,6 @@ def test_padded_generate_matches_the_loop_token_by_token():
         got = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, prefill_chunk_size=8,
                              **cache_kw(model, cache))
     loop = SlotLoop(model, "lococo", M, BETA, compressor=compressor)
-    want = greedy(loop, ids, mask, 30, chunk=8)
+    want = greedy_decode(loop, ids, mask, 30, chunk=8)
     assert cache.num_compressions == loop.num_compressions >= 5
     assert torch.equal(got, want)

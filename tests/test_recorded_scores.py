@@ -104,7 +104,8 @@ def test_recorded_scores_match_brute_force(name, heads, kv_heads, q, L, pads, sc
 def test_scores_go_only_to_the_layer_that_gave_the_keys(name):
     function, make_mask = FUNCTIONS[name]
     query, key, value = torch.randn(1, 2, 3, 8), torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8)
-    mask = make_mask(batch_size=1, q_length=3, kv_length=5, q_offset=2, attention_mask=torch.ones(1, 5, dtype=torch.bool))
+    padding = torch.ones(1, 5, dtype=torch.bool)
+    mask = make_mask(batch_size=1, q_length=3, kv_length=5, q_offset=2, attention_mask=padding)
     layer = Recorder()
     attention.expect_scores(layer, key.clone())          # announced for other keys: not claimed
     function(attention_module(2, 1), query, key, value, mask)
