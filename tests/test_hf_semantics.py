@@ -19,8 +19,12 @@ from lococo import reference
 apply_rotary_pos_emb = pytest.importorskip("transformers.models.llama.modeling_llama").apply_rotary_pos_emb
 
 
-def spec_loop(model, compressor, input_ids, chunk):
-    """Logits [b, T, V] and the final per-layer (K, V) of the chunked forward of SPEC section 3."""
+def spec_loop(model, compressor, input_ids, chunk, detach_between_chunks=False):
+    """Logits [b, T, V] and the final per-layer (K, V) of the chunked forward of SPEC section 3.
+
+    With ``detach_between_chunks`` the stored entries are cut from autograd after every chunk
+    (the training recipe of SPEC section 6).
+    """
     cfg = compressor.config
     M, beta, H, l = cfg.num_slots, cfg.beta, cfg.heavy_slots, cfg.num_local
     inner = model.model
@@ -57,11 +61,13 @@ def spec_loop(model, compressor, input_ids, chunk):
             logits = torch.einsum("bkgqd,bkld->bkgql", qs.reshape(b, kvh, g, q, d), K[i]) * d ** -0.5
             visible = torch.arange(L) < stored + torch.arange(q).unsqueeze(-1) + 1   # slots, then causal
             p = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
-            S[i] = p.sum((2, 3))
+            S[i] = p.sum((2, 3)).detach()
             out = torch.einsum("bkgql,bkld->bqkgd", p, V[i]).reshape(b, q, -1)
             x = x + attn.o_proj(out)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         all_logits.append(model.lm_head(inner.norm(x)))
+        if detach_between_chunks:
+            K, V = [k.detach() for k in K], [v.detach() for v in V]
     return torch.cat(all_logits, 1), K, V
 
 
@@ -109,17 +115,33 @@ def test_pure_convolution_keeps_the_backend():
 def test_gradients_reach_the_compressor_with_the_cache_detached():
     model = tiny_model("llama", "sdpa", seed=4)
     model.requires_grad_(False)
-    compressor = tiny_compressor(model, seed=5)
+    compressor = tiny_compressor(model, seed=5, num_local=1)
+    with torch.no_grad():   # a mixed case: alpha neither 0.5 nor equal across layers, a non-zero bias
+        for layer, alpha in zip(compressor.layers, (0.3, 0.7)):
+            layer.alpha.fill_(alpha)
+            layer.bias.normal_(0.0, 0.5)
     lococo.apply_lococo(model, compressor)
     ids = random_ids(1, 48, seed=6)
     cache = lococo.LoCoCoCache(compressor)
     grads = []
+    total = [torch.zeros_like(p) for p in compressor.parameters()]
     for chunk in lococo.iter_chunks(model, ids, cache, 16):
         assert not cache.layers[0].keys.requires_grad, "the cache must be detached between chunks"
         if chunk.loss.requires_grad:
             chunk.loss.backward()
             grads.append([p.grad.abs().sum().item() for p in compressor.parameters()])
+            for acc, p in zip(total, compressor.parameters()):
+                acc += p.grad
             compressor.zero_grad(set_to_none=False)
     # chunk 1 stores 16 entries (no compression), chunks 2 and 3 compress at their start
     assert len(grads) == 2
     assert all(g > 0 for per_chunk in grads for g in per_chunk), grads
+
+    # The same gradient from the loop of SPEC 3 with the reference op (autograd through it): the
+    # sum over chunks of each chunk's mean NLL, the stored entries cut between chunks
+    logits, _, _ = spec_loop(model, compressor, ids, 16, detach_between_chunks=True)
+    nll = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="none")
+    loss = sum(nll[start:start + 16].mean() for start in range(0, 48, 16))
+    want = torch.autograd.grad(loss, list(compressor.parameters()))
+    for (name, _), got, expected in zip(compressor.named_parameters(), total, want):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=name)
