@@ -94,23 +94,27 @@ class SlotLoop:
         out_k, out_v = [], []
         for head in range(keys.shape[0]):
             k, v, s = keys[head], values[head], scores[head].tolist()
-            if self.policy == "lococo":
-                c = self.compressor[layer]
-                cfg = self.compressor.config
-                if len(s) < self.num_slots:
-                    out_k.append(k), out_v.append(v)
-                    continue
-                bias = c.bias.detach().double() if c.bias is not None else torch.zeros(c.weight.shape[0]).double()
-                kk, vv = lococo_slots(k.double(), v.double(), s, c.weight.detach().double(), bias,
-                                      float(c.alpha), cfg.heavy_slots, cfg.num_local)
-                out_k.append(kk.to(k.dtype)), out_v.append(vv.to(v.dtype))
-                continue
-            if self.policy == "h2o":
-                index = h2o_keep(s, self.num_slots, self.num_local)
+            if self.policy == "lococo" and len(s) >= self.num_slots:
+                kept_k, kept_v = self._lococo(layer, k, v, s)
+            elif self.policy == "lococo":          # fewer valid entries than slots: all kept
+                kept_k, kept_v = k, v
             else:
-                index = streaming_keep(len(s), self.num_slots, self.num_sink)
-            out_k.append(k[index]), out_v.append(v[index])
+                if self.policy == "h2o":
+                    index = h2o_keep(s, self.num_slots, self.num_local)
+                else:
+                    index = streaming_keep(len(s), self.num_slots, self.num_sink)
+                kept_k, kept_v = k[index], v[index]
+            out_k.append(kept_k)
+            out_v.append(kept_v)
         return torch.stack(out_k), torch.stack(out_v)
+
+    def _lococo(self, layer: int, keys, values, scores: list[float]):
+        c, config = self.compressor[layer], self.compressor.config
+        weight = c.weight.detach().double()
+        bias = weight.new_zeros(weight.shape[0]) if c.bias is None else c.bias.detach().double()
+        kept_k, kept_v = lococo_slots(keys.double(), values.double(), scores, weight, bias, float(c.alpha),
+                                      config.heavy_slots, config.num_local)
+        return kept_k.to(keys.dtype), kept_v.to(values.dtype)
 
     def _compress(self, layer: int) -> None:
         keys, values, valid, scores = self.keys[layer], self.values[layer], self.valid[layer], self.scores[layer]
