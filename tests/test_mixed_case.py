@@ -36,7 +36,7 @@ def expected_slots(c, config, keys, values, scores, pad: int, bias=None):
         zeros = k.new_zeros(M - len(s), k.shape[-1])
         return torch.cat([zeros, k]), torch.cat([zeros, v])
     bias = c.bias.detach().double() if bias is None else bias
-    return lococo_slots(k, v, s, c.weight.detach().double(), bias, float(c.alpha), config.heavy_slots,
+    return lococo_slots(k, v, s, c.weight.detach().double(), bias, float(c.alpha.detach()), config.heavy_slots,
                         config.num_local)
 
 
