@@ -1,4 +1,4 @@
-"""An independent fixed-slot cache, written from the contract for the integration tests to compare with.
+"""An independent fixed-slot cache, written from docs/design.md for the integration tests to compare with.
 
 It uses none of transformers' caches, masks or attention functions and none of lococo's caches,
 attention functions, reference or op: it runs a Llama-family model's own weights layer by layer,

@@ -1,7 +1,7 @@
 """H2O and StreamingLLM through transformers against the independent loop of ``slot_loop.py``.
 
 The caches are built with their defaults (beta = 16; H2O keeps no protected recent entry;
-StreamingLLM keeps 4 sinks, as the contract says) and with other settings, on left-padded batches,
+StreamingLLM keeps 4 sinks, as docs/design.md#baseline-caches says) and with other settings, on left-padded batches,
 chunk by chunk (``chunked_nll``) and in ``generate()``, token by token.
 """
 
@@ -22,7 +22,7 @@ LENGTHS = [70, 57, 31, 9]   # 9 < M: that row keeps every entry at each compress
 
 
 def caches(kind: str, model, settings: dict):
-    """The cache under test and the loop with the contract's settings spelled out."""
+    """The cache under test and the loop with the documented settings spelled out."""
     layers = len(model.model.layers)
     if kind == "h2o":
         cache = lococo.H2OCache(layers, M, **settings)
@@ -89,7 +89,7 @@ def test_generate_matches_the_loop_token_by_token(kind, attn, prefill_chunk):
 
 
 @pytest.mark.parametrize("kind", ["h2o", "streaming"])
-def test_layer_defaults_keep_what_the_contract_says(kind):
+def test_layer_defaults_keep_what_the_design_says(kind):
     """The layers built with their defaults alone, on padded rows: the kept entries by index."""
     layer = H2OLayer(M) if kind == "h2o" else StreamingLLMLayer(M)
     assert layer.beta == 16

@@ -2,7 +2,7 @@
 
 Each bucket's token count and mean NLL must equal a slice of the per-token NLL computed here
 separately: one plain forward for the full cache, ``chunked_nll`` through a cache built here with
-the contract's settings spelled out for the others. Target token t (t >= 1, counted from the
+the documented settings spelled out for the others. Target token t (t >= 1, counted from the
 start of the evaluated range) falls in bucket [lo, hi) when lo <= t < hi.
 """
 
@@ -72,7 +72,7 @@ def independent_nll(root, docs) -> dict[str, list[torch.Tensor]]:
 
 
 def stored_peak() -> int:
-    """Entries a fixed-slot layer stores at most between chunks, from the schedule of the contract."""
+    """Entries a fixed-slot layer stores at most between chunks, from the documented schedule."""
     stored = peak = 0
     for start in range(0, TOKENS, CHUNK):
         stored = (M if stored > M + BETA else stored) + min(CHUNK, TOKENS - start)

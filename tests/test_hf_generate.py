@@ -92,7 +92,7 @@ def test_greedy_with_compression_matches_manual_loop(arch, attn, prefill_chunk):
     want = manual_decode(model, ids, lococo.LoCoCoCache(compressor), 30, chunk=prefill_chunk)
     assert torch.equal(out.sequences, want)
     assert cache.num_compressions >= 6
-    # and against the loop written from the contract, which shares no code with the cache
+    # and against the loop of slot_loop.py, which shares no code with the cache
     M, beta = compressor.config.num_slots, compressor.config.beta
     loop = SlotLoop(model, "lococo", M, beta, compressor=compressor)
     assert torch.equal(out.sequences, greedy_decode(loop, ids, torch.ones_like(ids), 30, chunk=prefill_chunk))
@@ -199,7 +199,7 @@ def test_multi_turn_reuse_feeds_only_new_tokens():
     assert torch.equal(seq1, turn1.sequences)
     want = manual_decode(model, follow_up, manual, 15)
     assert torch.equal(turn2.sequences, want)
-    # and through the loop written from the contract: turn 2 feeds what the loop has not seen yet
+    # and through the loop of slot_loop.py: turn 2 feeds what the loop has not seen yet
     loop = SlotLoop(model, "lococo", compressor.config.num_slots, compressor.config.beta, compressor=compressor)
     assert torch.equal(turn1.sequences, greedy_decode(loop, first, torch.ones_like(first), 15))
     seen = turn1.sequences.shape[1] - 1

@@ -20,10 +20,10 @@ apply_rotary_pos_emb = pytest.importorskip("transformers.models.llama.modeling_l
 
 
 def spec_loop(model, compressor, input_ids, chunk, detach_between_chunks=False):
-    """Logits [b, T, V] and the final per-layer (K, V) of the chunked forward of SPEC section 3.
+    """Logits [b, T, V] and the final per-layer (K, V) of the chunked forward of docs/design.md#compression-trigger.
 
     With ``detach_between_chunks`` the stored entries are cut from autograd after every chunk
-    (the training recipe of SPEC section 6).
+    (docs/design.md#the-original-recipe).
     """
     cfg = compressor.config
     M, beta, H, l = cfg.num_slots, cfg.beta, cfg.heavy_slots, cfg.num_local
@@ -137,7 +137,7 @@ def test_gradients_reach_the_compressor_with_the_cache_detached():
     assert len(grads) == 2
     assert all(g > 0 for per_chunk in grads for g in per_chunk), grads
 
-    # The same gradient from the loop of SPEC 3 with the reference op (autograd through it): the
+    # The same gradient from the loop above with the reference op (autograd through it): the
     # sum over chunks of each chunk's mean NLL, the stored entries cut between chunks
     logits, _, _ = spec_loop(model, compressor, ids, 16, detach_between_chunks=True)
     nll = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="none")
