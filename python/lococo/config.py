@@ -45,6 +45,10 @@ class LoCoCoConfig:
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool),
                  f"{name} must be an int, got {value!r}")
+        for name in ("rho", "alpha_init", "init_std"):
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and not isinstance(value, bool),
+                 f"{name} must be a number, got {value!r}")
         need(self.num_slots >= 1, f"num_slots (M) must be >= 1, got {self.num_slots}")
         need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
         need(self.kernel_size >= 1 and self.kernel_size % 2 == 1,
@@ -80,12 +84,18 @@ class LoCoCoConfig:
         """H, the heavy-hitter slots."""
         return self.num_slots - self.fused_slots
 
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> LoCoCoConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict):
+            raise ValueError(f"LoCoCoConfig: expected a dict of fields, got {type(data).__name__}")
+        known = set(cls.field_names())
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"LoCoCoConfig: unknown fields {unknown}; known fields are {sorted(known)}")

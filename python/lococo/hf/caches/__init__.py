@@ -9,10 +9,10 @@ from transformers.cache_utils import DynamicCache
 
 from ...compressor import LoCoCoCompressor, ModelGeometry
 from .baselines import H2OCache, StreamingLLMCache
-from .fixed_slot import FixedSlotCache, FixedSlotLayer, LoCoCoCache, LoCoCoLayer
+from .fixed_slot import FixedSlotCache, FixedSlotLayer, LoCoCoCache, LoCoCoLayer, kv_bytes
 
 __all__ = ["CACHE_KINDS", "FixedSlotCache", "FixedSlotLayer", "H2OCache", "LoCoCoCache", "LoCoCoLayer",
-           "StreamingLLMCache", "build_cache"]
+           "StreamingLLMCache", "build_cache", "kv_bytes"]
 
 
 CACHE_KINDS = ("lococo", "h2o", "streaming", "full")
