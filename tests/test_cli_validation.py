@@ -141,3 +141,10 @@ def test_python_m_lococo_exits_2_without_a_traceback(tmp_path):
                               timeout=300)
         assert done.returncode == 2, done.stderr
         assert expected in done.stderr and "Traceback" not in done.stderr
+
+
+def test_train_unwritable_output_fails_before_the_model(capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    err = usage_error(capsys, ["train", "--output", str(blocker / "run"), "--docs", __file__])
+    assert f"--output {blocker / 'run'} cannot be written" in err
