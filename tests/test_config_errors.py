@@ -116,3 +116,18 @@ def test_a_config_given_as_a_list_names_the_problem():
     with pytest.raises(ValueError, match="rho must be a number"):
         lococo.LoCoCoConfig(rho="0.5")
     lococo.LoCoCoConfig(rho=1)  # an int is a number
+
+
+def test_one_name_each_for_heavy_hitters_and_fused_slots(saved):
+    config = lococo.LoCoCoConfig(num_slots=16, num_heavy=4)
+    assert (config.num_heavy, config.num_fused, config.rho) == (4, 12, 0.75)
+    assert lococo.LoCoCoConfig.from_dict(config.to_dict()) == config
+    with pytest.warns(DeprecationWarning, match="use num_fused"):
+        assert config.fused_slots == 12
+    with pytest.warns(DeprecationWarning, match="use num_heavy"):
+        assert config.heavy_slots == 4
+    # files written before the rename carry num_heavy (null unless H was given): they still load
+    edit_config(saved, lambda meta: meta["config"].update(num_heavy=None))
+    assert lococo.LoCoCoCompressor.from_pretrained(saved).config.num_heavy == 6       # M = 12, rho = 0.5
+    edit_config(saved, lambda meta: meta["config"].update(num_heavy=6))
+    assert lococo.LoCoCoCompressor.from_pretrained(saved).config.num_fused == 6

@@ -178,7 +178,7 @@ class LoCoCoCompressor(nn.Module):
         self.config = config
         self.geometry = geometry
         self.layers = nn.ModuleList(
-            LayerCompressor(geometry.head_dim, config.fused_slots, config.kernel_size, config.init_std,
+            LayerCompressor(geometry.head_dim, config.num_fused, config.kernel_size, config.init_std,
                             config.alpha_init, device=device, dtype=dtype)
             for _ in range(geometry.num_layers))
 
@@ -206,7 +206,7 @@ class LoCoCoCompressor(nn.Module):
 
     def needs_scores(self) -> bool:
         """False only for pure convolution (no heavy hitters and alpha = 1 in every layer)."""
-        if self.config.heavy_slots > 0:
+        if self.config.num_heavy > 0:
             return True
         return any(float(layer.alpha.detach()) != 1.0 for layer in self.layers)
 
@@ -265,5 +265,5 @@ class LoCoCoCompressor(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"M={c.num_slots}, H={c.heavy_slots}, C={c.fused_slots}, beta={c.beta}, k={c.kernel_size}, "
+        return (f"M={c.num_slots}, H={c.num_heavy}, C={c.num_fused}, beta={c.beta}, k={c.kernel_size}, "
                 f"l={c.num_local}, model={self.geometry.model_type}")

@@ -90,8 +90,8 @@ def main(args) -> int:
     name, text = pick_document(args)
     ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids[:args.tokens]])
     print(f"lococo demo: SmolLM2-135M-Instruct reads {ids.shape[1]} tokens of {name}")
-    print(f"  LoCoCo cache: M = {cfg.num_slots} slots per layer and KV head ({cfg.heavy_slots} "
-          f"heavy hitters + {cfg.fused_slots} fused), beta = {cfg.beta}, chunk = {cfg.chunk_size}\n")
+    print(f"  LoCoCo cache: M = {cfg.num_slots} slots per layer and KV head ({cfg.num_heavy} "
+          f"heavy hitters + {cfg.num_fused} fused), beta = {cfg.beta}, chunk = {cfg.chunk_size}\n")
 
     results = {}
     for method in ("full", "lococo"):

@@ -364,8 +364,7 @@ def report(args, ev: Evaluation, totals: dict[str, Totals]) -> None:
 
 
 def main(args) -> int:
-    if not hasattr(args, "validate"):  # called directly rather than through the command line
-        validate(args)
+    """`lococo eval`, with arguments that ``validate`` has checked and completed."""
     ev = set_up(args)
     report(args, ev, run_methods(args, ev))
     return 0

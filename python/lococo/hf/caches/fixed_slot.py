@@ -242,11 +242,11 @@ class LoCoCoLayer(FixedSlotLayer):
 
     def __init__(self, compressor: LayerCompressor, config: LoCoCoConfig, needs_scores: bool = True):
         super().__init__(config.num_slots, config.beta)
-        if compressor.num_fused != config.fused_slots:
+        if compressor.num_fused != config.num_fused:
             raise ValueError(f"the layer compressor fuses {compressor.num_fused} slots, the config "
-                             f"{config.fused_slots}")
+                             f"{config.num_fused}")
         self.compressor = compressor
-        self.num_heavy, self.num_local = config.heavy_slots, config.num_local
+        self.num_heavy, self.num_local = config.num_heavy, config.num_local
         self.needs_scores = needs_scores
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
