@@ -125,7 +125,7 @@ class LoCoCoConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> LoCoCoConfig:
-        """A config from ``to_dict``'s fields; ``num_heavy`` (written by lococo 0.1, null unless H was given) is read too."""
+        """A config from ``to_dict``'s fields; ``num_heavy`` (written by lococo 0.1: null unless H was given) too."""
         if not isinstance(data, dict):
             _fail(f"expected a dict of fields, got {type(data).__name__}")
         known = set(cls.field_names())

@@ -17,6 +17,12 @@ Writes into --output: the compressor (`save_pretrained`), `model/` when LLM weig
 trained (LoRA merged), `log.jsonl` and `log.csv` (loss, learning rates, per-layer alpha),
 `loss.png`, `train_args.json`, and `checkpoints/step-N/` (trainable weights, optimizer,
 scheduler, data position, RNG) from which a run started with the same --output resumes.
+
+One run per folder (see ``lococo.recipes.run_folder``): a resume with other arguments that
+matter is refused, naming them, unless --resume-with-changes; --no-resume into a folder that
+holds a run, and a new run over a compressor no run wrote, need --overwrite. Checkpoints load
+with torch.load(weights_only=True): a run folder runs no code. Every number is checked before
+the model loads.
 """
 
 from __future__ import annotations
@@ -221,6 +227,11 @@ def lococo_config(args):
                         chunk_size=args.chunk_size)
 
 
+def group_lr(args, name: str) -> float:
+    """The learning rate the arguments give a parameter group."""
+    return {"compressor": args.lr, "embed_norm": args.lr_embed_norm, "lora": args.lr_lora}[name]
+
+
 def param_groups(model, compressor, args) -> list[dict]:
     """AdamW groups: the compressor, then optionally embeddings+norms and LoRA; no decay."""
     groups = [{"name": "compressor", "params": list(compressor.parameters()), "lr": args.lr,
@@ -388,6 +399,7 @@ class Session:
     optimizer: object
     scheduler: object
     windows: TokenWindows
+    num_documents: int
     step: int = 0
     sequences: int = 0
 
@@ -416,14 +428,10 @@ def apply_learning_rates(optimizer, scheduler, base_lrs: list[float], step: int,
 
 
 def set_up(args) -> Session:
-    """Checks the run folder, then loads the LLM, the documents and (when resuming) the checkpoint."""
+    """Checks the run folder, then builds the session and (when resuming) restores the checkpoint."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.utils import set_seed
-
-    from ..compressor import LoCoCoCompressor
-    from ..hf.patching import apply_lococo
 
     # Several backward calls per sequence, and the first chunks of a sequence do not reach the
     # compressor (nothing to compress yet): DDP must accept parameters without gradients.
@@ -432,43 +440,54 @@ def set_up(args) -> Session:
     if accelerator.is_main_process:
         check_writable(plan.output, "--output")
     set_seed(args.seed)
-
-    model, tokenizer = load_llm(args)
-    config = lococo_config(args)
-    if args.lora:
-        model = add_lora(model, args.lora_rank)
-    compressor = LoCoCoCompressor.for_model(model, config)
-    compressor.requires_grad_(True)
-    apply_lococo(model, compressor)
-    groups = param_groups(model, compressor, args)
-    base_lrs = [group["lr"] for group in groups]
-
-    docs, read = training_documents(args, tokenizer)
-    windows = TokenWindows(docs, read, tokenizer, args.chunk_size * args.chunks_per_seq, args.seed)
-
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step, args.steps))
-    module, optimizer = accelerator.prepare(make_train_module(model, compressor), optimizer)
-    session = Session(args, plan, accelerator, model, tokenizer, compressor, groups, module,
-                      accelerator.unwrap_model(module), optimizer, scheduler, windows)
+    session = build_session(args, plan, accelerator)
     if plan.state is not None:
-        state = plan.state
-        load_trainable_state(model, compressor, state["trainable"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        run_folder.restore_rng(state)
-        session.step, session.sequences = plan.step, plan.sequences
-        apply_learning_rates(optimizer, scheduler, base_lrs, session.step, args.steps)
-        changed = f" with {', '.join(plan.changes)} changed" if plan.changes else ""
-        accelerator.print(f"resuming from {plan.checkpoint} (update {session.step}){changed}")
-        plan.state = None  # the weights are in the model now: do not hold a second copy
+        restore_checkpoint(session)
     if accelerator.is_main_process:
         run_folder.prepare_folder(plan, {
             **{k: v for k, v in vars(args).items() if k not in ("func", "validate")},
-            "lococo_config": config.to_dict(), "world_size": accelerator.num_processes,
-            "train_windows": len(windows), "train_documents": len(docs)})
+            "lococo_config": session.compressor.config.to_dict(), "world_size": accelerator.num_processes,
+            "train_windows": len(session.windows), "train_documents": session.num_documents})
     accelerator.wait_for_everyone()
     return session
+
+
+def build_session(args, plan: run_folder.RunPlan, accelerator) -> Session:
+    """The LLM with its compressor and trainable groups, the training windows and the optimizer."""
+    import torch
+
+    from ..compressor import LoCoCoCompressor
+    from ..hf.patching import apply_lococo
+
+    model, tokenizer = load_llm(args)
+    if args.lora:
+        model = add_lora(model, args.lora_rank)
+    compressor = LoCoCoCompressor.for_model(model, lococo_config(args))
+    compressor.requires_grad_(True)
+    apply_lococo(model, compressor)
+    groups = param_groups(model, compressor, args)
+    docs, read = training_documents(args, tokenizer)
+    windows = TokenWindows(docs, read, tokenizer, args.chunk_size * args.chunks_per_seq, args.seed)
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step, args.steps))
+    module, optimizer = accelerator.prepare(make_train_module(model, compressor), optimizer)
+    return Session(args, plan, accelerator, model, tokenizer, compressor, groups, module,
+                   accelerator.unwrap_model(module), optimizer, scheduler, windows, len(docs))
+
+
+def restore_checkpoint(session: Session) -> None:
+    """Weights, optimizer, scheduler, RNG and data position of the checkpoint ``open_run`` chose."""
+    plan = session.plan
+    load_trainable_state(session.model, session.compressor, plan.state["trainable"])
+    session.optimizer.load_state_dict(plan.state["optimizer"])
+    session.scheduler.load_state_dict(plan.state["scheduler"])
+    run_folder.restore_rng(plan.state)
+    session.step, session.sequences = plan.step, plan.sequences
+    base_lrs = [group_lr(session.args, group["name"]) for group in session.optimizer.param_groups]
+    apply_learning_rates(session.optimizer, session.scheduler, base_lrs, session.step, session.args.steps)
+    changed = f" with {', '.join(plan.changes)} changed" if plan.changes else ""
+    session.accelerator.print(f"resuming from {plan.checkpoint} (update {session.step}){changed}")
+    plan.state = None  # the weights are in the model now: do not hold a second copy
 
 
 def train_update(session: Session) -> dict:
