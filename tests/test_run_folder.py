@@ -195,3 +195,15 @@ def test_a_diverging_run_saves_nothing_non_finite(tiny_model, docs, tmp_path, ca
     assert "non-finite" in err and "step-2" in err
     assert not (out / "lococo_compressor.safetensors").exists()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint(finished_run, tiny_model, docs, tmp_path, capsys):
+    out = copy_run(finished_run, tmp_path)
+    shutil.rmtree(out / "checkpoints")
+    for name in ("lococo_config.json", "lococo_compressor.safetensors"):
+        (out / name).unlink()
+    err = refused(capsys, tiny_model, docs, out, "--lr", "0.1")          # another run: refused, naming what differs
+    assert "holds another run that has no checkpoint (--lr 0.05 -> 0.1)" in err
+    assert train(tiny_model, docs, out) == 0                              # the same run: started again, cleanly
+    assert [row["step"] for row in read_log(out)] == [1, 2, 3, 4]
+    assert read_log(out)[3]["loss"] == read_log(finished_run)[3]["loss"]
