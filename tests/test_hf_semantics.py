@@ -22,7 +22,7 @@ apply_rotary_pos_emb = pytest.importorskip("transformers.models.llama.modeling_l
 def spec_loop(model, compressor, input_ids, chunk):
     """Logits [b, T, V] and the final per-layer (K, V) of the chunked forward of SPEC section 3."""
     cfg = compressor.config
-    M, beta, H, l = cfg.num_slots, cfg.beta, cfg.heavy_slots, cfg.num_local
+    M, beta, H, l = cfg.num_slots, cfg.beta, cfg.num_heavy, cfg.num_local
     inner = model.model
     b, T = input_ids.shape
     n_layers = len(inner.layers)
