@@ -99,8 +99,8 @@ def test_train_numbers_are_checked_by_argparse(capsys, tmp_path, argv, flag, exp
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["-M", "4", "--rho", "0"], "leaves no fused slot"),
-    (["-M", "16", "--num-local", "20"], "num_local must be in [0, H = 8]"),
+    (["-M", "4", "--rho", "0"], "--rho = 0.0 leaves no fused slot for --num-slots = 4"),
+    (["-M", "16", "--num-local", "20"], "--num-local must be in [0, H = 8]"),
     (["-M", "128", "-B", "8", "-P", "4"], "raise --chunks-per-seq"),
     (["--docs", "/no/such/file.txt"], "--docs /no/such/file.txt: no such file"),
 ])

@@ -110,8 +110,10 @@ def validate(args) -> None:
     """The checks that involve several arguments, before anything is loaded."""
     try:
         lococo_config(args)
-    except ValueError as exc:
-        raise UsageError(str(exc).replace("LoCoCoConfig: ", "")) from None
+    except ValueError as exc:  # the config names its fields; say them as the flags that set them
+        message = str(exc).replace("LoCoCoConfig: ", "")
+        raise UsageError(re.sub(r"\b(num_slots|rho|beta|kernel_size|num_local|alpha_init|init_std|chunk_size)\b",
+                                lambda m: "--" + m.group(1).replace("_", "-"), message)) from None
     if (args.chunks_per_seq - 1) * args.chunk_size <= args.num_slots + args.beta:
         raise UsageError(f"sequences of {args.chunks_per_seq} chunks of {args.chunk_size} tokens never "
                          f"overflow M + beta = {args.num_slots + args.beta} before their last chunk; raise "
