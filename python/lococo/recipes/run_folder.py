@@ -142,26 +142,8 @@ def open_run(args, world_size: int) -> RunPlan:
                              "another folder")
         plan.wipe = True
         return plan
-    errors = []
-    for step, folder in found:
-        try:
-            state, recorded = load_checkpoint(folder)
-        except Exception as exc:  # a truncated or foreign file: any failure means "not usable"
-            errors.append(f"{folder.name}: {type(exc).__name__}: {exc}")
-            plan.unreadable.append(folder)
-            continue
-        plan.checkpoint, plan.state = folder, state
-        plan.step, plan.sequences = int(state["step"]), int(state["sequences"])
-        if recorded is None:
-            recorded = _recorded_arguments(output)
-        _check_changes(args, plan, recorded)
-        if errors:
-            _warn(f"checkpoints that do not load are set aside ({'; '.join(errors)}); resuming from "
-                  f"{folder.name}")
-        return plan
     if found:
-        raise UsageError(f"no checkpoint in {output / CHECKPOINTS} loads ({'; '.join(errors)}); pass "
-                         "--no-resume --overwrite to start over, or choose another folder")
+        return _resume(args, plan, found)
     # a run that stopped before its first checkpoint: nothing to resume, so start it again if it is the same
     recorded = _recorded_arguments(output)
     differences = _differences(recorded or {}, plan.run_args, MATTERS)
@@ -171,6 +153,27 @@ def open_run(args, world_size: int) -> RunPlan:
                          + "; pass --no-resume --overwrite to delete it, or choose another folder")
     plan.wipe = True
     return plan
+
+
+def _resume(args, plan: RunPlan, found: list[tuple[int, Path]]) -> RunPlan:
+    """The newest checkpoint that loads, checked against the arguments; the ones that do not load are set aside."""
+    errors = []
+    for _, folder in found:
+        try:
+            state, recorded = load_checkpoint(folder)
+        except Exception as exc:  # a truncated or foreign file: any failure means "not usable"
+            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+            errors.append(f"{folder.name}: {type(exc).__name__}: {first_line}")
+            plan.unreadable.append(folder)
+            continue
+        plan.checkpoint, plan.state = folder, state
+        plan.step, plan.sequences = int(state["step"]), int(state["sequences"])
+        _check_changes(args, plan, recorded if recorded is not None else _recorded_arguments(plan.output))
+        if errors:
+            _warn(f"checkpoints that do not load are set aside ({'; '.join(errors)}); resuming from {folder.name}")
+        return plan
+    raise UsageError(f"no checkpoint in {plan.output / CHECKPOINTS} loads ({'; '.join(errors)}); pass "
+                     "--no-resume --overwrite to start over, or choose another folder")
 
 
 def _recorded_arguments(output: Path) -> dict | None:
