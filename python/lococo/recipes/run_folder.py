@@ -194,9 +194,9 @@ def _check_changes(args, plan: RunPlan, recorded: dict | None) -> None:
         return
     frozen = _differences(recorded, plan.run_args, FROZEN)
     if frozen:
-        raise UsageError(f"{where} was trained with other {', '.join(map(_flag, frozen))} ({_describe(frozen)}); "
-                         "its weights cannot be loaded with these. Use another --output, or --no-resume "
-                         "--overwrite to start over")
+        raise UsageError(f"{where} cannot resume with {_describe(frozen)}: the checkpoint's weights cannot be "
+                         "loaded with these (other shapes or parameter groups). Use another --output, or "
+                         "--no-resume --overwrite to start over")
     plan.changes = _differences(recorded, plan.run_args, RESUMABLE_CHANGES)
     if plan.changes and not args.resume_with_changes:
         raise UsageError(f"resuming {where} with other arguments: {_describe(plan.changes)}. Pass "
