@@ -445,6 +445,7 @@ def set_up(args) -> Session:
     session = build_session(args, plan, accelerator)
     if plan.state is not None:
         restore_checkpoint(session)
+    accelerator.wait_for_everyone()  # every process has read the folder before the main one changes it
     if accelerator.is_main_process:
         run_folder.prepare_folder(plan, {
             **{k: v for k, v in vars(args).items() if k not in ("func", "validate")},
