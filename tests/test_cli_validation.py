@@ -61,6 +61,8 @@ def test_eval_numbers_are_checked_by_argparse(capsys, tmp_path, argv, flag, expe
     (["-M", "1", "--methods", "full,streaming"], "--num-slots 1 does not suit the streaming method"),
     (["--buckets", "9000,10000", "--max-tokens", "8192"], "--buckets start at 9000"),
     (["--methods", "full,lococo"], "the lococo method needs --compressor"),
+    (["--device", "gpu0"], "--device gpu0: not a device (cpu, cuda, cuda:N)"),
+    (["--device", "cuda:64"], "--device cuda:64: torch sees"),
 ])
 def test_eval_argument_combinations_are_checked_before_the_model(capsys, tmp_path, argv, expected):
     assert expected in usage_error(capsys, EVAL + [str(tmp_path)] + argv)

@@ -102,7 +102,21 @@ def validate(args) -> None:
     for path in args.docs or []:
         if not Path(path).is_file():
             raise UsageError(f"--docs {path}: no such file")
+    if args.device is not None:
+        check_device(args.device)
     check_writable(Path(args.output), "--output")
+
+
+def check_device(name: str) -> None:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available()
+                                  or (device.index or 0) >= torch.cuda.device_count()):
+        raise UsageError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s)")
 
 
 # ----------------------------------------------------------------------------------------
