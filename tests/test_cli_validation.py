@@ -118,6 +118,10 @@ def test_demo_numbers_are_checked_by_argparse(capsys, argv, flag, expected):
     assert f"argument {flag}: {expected}" in usage_error(capsys, ["demo", *argv])
 
 
+def test_demo_document_is_checked_before_the_model(capsys):
+    assert "--doc nowhere.txt: neither a file nor a document id" in usage_error(capsys, ["demo", "--doc", "nowhere.txt"])
+
+
 def test_demo_without_a_compressor_fails_before_the_model(capsys, tmp_path):
     assert "no compressor at --compressor" in usage_error(capsys, ["demo", "--compressor", str(tmp_path)])
 

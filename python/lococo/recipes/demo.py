@@ -31,8 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def validate(args) -> None:
-    """The compressor must be readable before the model loads."""
+    """The compressor must be readable, and --doc a file or a document id, before the model loads."""
     from ..compressor import read_compressor_config
+    from .assets import SOURCES
+
+    if args.doc and not Path(args.doc).is_file() and args.doc.partition(":")[0] not in SOURCES:
+        raise UsageError(f"--doc {args.doc}: neither a file nor a document id (<source>:<path>, source one of "
+                         f"{', '.join(sorted(SOURCES))})")
 
     try:
         read_compressor_config(args.compressor)
