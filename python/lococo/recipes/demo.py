@@ -86,13 +86,13 @@ def main(args) -> int:
     from ..hf.patching import apply_lococo
 
     torch.manual_seed(0)
+    name, text = pick_document(args)  # a missing document fails before the model loads
     model, tokenizer = assets.load_model(args.assets_dir)
     model.eval()
     compressor = LoCoCoCompressor.from_pretrained(args.compressor, model=model, dtype=torch.float32)
     cfg = compressor.config
     apply_lococo(model, compressor)
 
-    name, text = pick_document(args)
     ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids[:args.tokens]])
     print(f"lococo demo: SmolLM2-135M-Instruct reads {ids.shape[1]} tokens of {name}")
     print(f"  LoCoCo cache: M = {cfg.num_slots} slots per layer and KV head ({cfg.num_heavy} "
