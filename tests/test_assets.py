@@ -339,3 +339,18 @@ def test_evaluation_leaves_out_missing_documents_and_says_which(cache, fake_sour
     docs, left_out = evaluate.select_documents(args)
     assert [name for name, _ in docs] == ["fake:a.txt"] and left_out == ["fake:gone.txt"]
     assert "1 test documents are left out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{oops", "cannot read the split"),
+    ("[]", "expected a JSON object with train, dev and test, got a list"),
+    ('{"train": [], "dev": []}', "field test is missing or not a list"),
+    ('{"train": [{"id": "sotu:x.txt", "tokens": "many", "sha256": "ab"}], "dev": [], "test": []}',
+     r"train\[0\] must have id, tokens \(an integer\) and sha256"),
+])
+def test_a_bad_split_file_names_the_file_and_the_field(tmp_path, text, message):
+    path = tmp_path / "split.json"
+    path.write_text(text)
+    with pytest.raises(assets.AssetError, match=message) as info:
+        assets.load_split(path)
+    assert str(info.value).startswith(str(path))

@@ -48,11 +48,26 @@ class Split:
 
 
 def load_split(path: str | os.PathLike | None = None) -> Split:
-    """The document split recorded in the package (or in the given file)."""
+    """The document split recorded in the package (or in the given file); AssetError naming a bad field."""
     path = Path(path) if path is not None else SPLITS_FILE
-    data = json.loads(Path(path).read_text())
-    parts = {name: tuple(Document(d["id"], int(d["tokens"]), d["sha256"]) for d in data[name])
-             for name in ("train", "dev", "test")}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise AssetError(f"{path}: cannot read the split ({exc})") from None
+    if not isinstance(data, dict):
+        raise AssetError(f"{path}: expected a JSON object with train, dev and test, got a {type(data).__name__}")
+    parts = {}
+    for name in ("train", "dev", "test"):
+        if not isinstance(data.get(name), list):
+            raise AssetError(f"{path}: field {name} is missing or not a list")
+        docs = []
+        for i, entry in enumerate(data[name]):
+            try:
+                docs.append(Document(str(entry["id"]), int(entry["tokens"]), str(entry["sha256"])))
+            except (TypeError, KeyError, ValueError) as exc:
+                raise AssetError(f"{path}: {name}[{i}] must have id, tokens (an integer) and sha256 "
+                                 f"({type(exc).__name__}: {exc})") from None
+        parts[name] = tuple(docs)
     meta = {k: v for k, v in data.items() if k not in parts}
     return Split(meta=meta, **parts)
 
