@@ -16,11 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from .compat import cache_kwarg, get_output_cache
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers.cache_utils import Cache
 
 __all__ = ["ChunkOutput", "NLLOutput", "chunked_nll", "iter_chunks"]
 
@@ -57,7 +62,7 @@ def _detach(cache) -> None:
             layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
 
 
-def iter_chunks(model, input_ids: torch.Tensor, cache, chunk_size: int,
+def iter_chunks(model: nn.Module, input_ids: torch.Tensor, cache: Cache, chunk_size: int,
                 attention_mask: torch.Tensor | None = None) -> Iterator[ChunkOutput]:
     """Feeds ``input_ids`` [b, T] through ``model`` and ``cache`` in chunks of ``chunk_size``.
 
@@ -109,7 +114,7 @@ def iter_chunks(model, input_ids: torch.Tensor, cache, chunk_size: int,
         yield ChunkOutput(start, stop, logits, nll, mask, loss)
 
 
-def chunked_nll(model, input_ids: torch.Tensor, cache, chunk_size: int,
+def chunked_nll(model: nn.Module, input_ids: torch.Tensor, cache: Cache, chunk_size: int,
                 attention_mask: torch.Tensor | None = None, return_logits: bool = False) -> NLLOutput:
     """Per-token NLL [b, T - 1] of ``input_ids`` through ``cache``, chunk by chunk (see ``iter_chunks``).
 

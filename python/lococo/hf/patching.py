@@ -23,7 +23,7 @@ from .caches import FixedSlotCache, LoCoCoCache
 from .compat import cache_kwarg
 from ..compressor import LoCoCoCompressor
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "apply_lococo", "cache_kwarg", "get_output_cache", "is_patched", "remove_lococo"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "apply_lococo", "is_patched", "remove_lococo"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def _support_for(model) -> ModelSupport:
         raise NotImplementedError(
             f"lococo does not support model_type {model_type!r} ({type(model).__name__}); supported: "
             f"{sorted(SUPPORTED_MODEL_TYPES)}. Other Llama-family decoders may work: add them to "
-            "lococo.patching.SUPPORTED_MODEL_TYPES after checking that they use AttentionInterface and one "
+            "lococo.hf.patching.SUPPORTED_MODEL_TYPES after checking that they use AttentionInterface and one "
             "full-attention cache layer per decoder layer.")
     return SUPPORTED_MODEL_TYPES[model_type]
 
@@ -146,10 +146,27 @@ def _generate(model, *args, **kwargs):
     gen_config = kwargs.get("generation_config") or model.generation_config
     wants_cache = kwargs.get("use_cache", getattr(gen_config, "use_cache", True)) is not False
     default_cache = kwargs.get("cache_implementation", getattr(gen_config, "cache_implementation", None)) is None
-    has_cache = kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
-    if state.compressor is not None and wants_cache and default_cache and not has_cache:
-        kwargs[state.cache_kwarg] = LoCoCoCache(state.compressor)
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is None and state.compressor is not None and wants_cache and default_cache:
+        cache = kwargs[state.cache_kwarg] = LoCoCoCache(state.compressor)
+    chunk = _prefill_chunk(cache, state.compressor)
+    if chunk is not None and kwargs.get("prefill_chunk_size", getattr(gen_config, "prefill_chunk_size", None)) is None:
+        kwargs["prefill_chunk_size"] = chunk
     return type(model).generate(model, *args, **kwargs)
+
+
+def _prefill_chunk(cache, compressor: LoCoCoCompressor | None) -> int | None:
+    """B, the chunk a fixed-slot cache reads a prompt in: the cache's compressor's, else the patch's.
+
+    A prompt read in one forward would be compressed in one step from attention summed over the whole
+    prompt, and its scores would cost the whole prompt-by-prompt attention; chunks of B keep the
+    attention of every call within M + beta + B keys, as in training.
+    """
+    if not isinstance(cache, FixedSlotCache):
+        return None
+    if isinstance(cache, LoCoCoCache):
+        return cache.config.chunk_size
+    return None if compressor is None else compressor.config.chunk_size
 
 
 def apply_lococo(model: nn.Module, compressor: LoCoCoCompressor | None = None) -> nn.Module:
@@ -157,7 +174,9 @@ def apply_lococo(model: nn.Module, compressor: LoCoCoCompressor | None = None) -
 
     With a ``compressor``, ``model.generate(...)`` and plain forwards that would build a
     DynamicCache get a fresh ``LoCoCoCache(compressor)`` instead; a cache passed explicitly
-    (``cache=``/``past_key_values=``) is used as given. Without one, the model is only prepared
+    (``cache=``/``past_key_values=``) is used as given. ``generate()`` with a fixed-slot cache reads
+    the prompt in chunks of the compressor's B (``config.chunk_size``) unless ``prefill_chunk_size``
+    is given: the quality and the memory of a chunked prefill, by default. Without one, the model is only prepared
     for fixed-slot caches passed explicitly (``H2OCache``, ``StreamingLLMCache``, ``LoCoCoCache``).
 
     The attention implementation becomes ``lococo_sdpa`` or ``lococo_eager`` unless the compressor

@@ -5,11 +5,17 @@
 
 from __future__ import annotations
 
-from transformers.cache_utils import DynamicCache
+from typing import TYPE_CHECKING
+
+from transformers.cache_utils import Cache, DynamicCache
 
 from ...compressor import LoCoCoCompressor, ModelGeometry
 from .baselines import H2OCache, StreamingLLMCache
 from .fixed_slot import FixedSlotCache, FixedSlotLayer, LoCoCoCache, LoCoCoLayer, kv_bytes
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedConfig
 
 __all__ = ["CACHE_KINDS", "FixedSlotCache", "FixedSlotLayer", "H2OCache", "LoCoCoCache", "LoCoCoLayer",
            "StreamingLLMCache", "build_cache", "kv_bytes"]
@@ -18,8 +24,8 @@ __all__ = ["CACHE_KINDS", "FixedSlotCache", "FixedSlotLayer", "H2OCache", "LoCoC
 CACHE_KINDS = ("lococo", "h2o", "streaming", "full")
 
 
-def build_cache(kind: str, model, compressor: LoCoCoCompressor | None = None, num_slots: int | None = None,
-                beta: int | None = None):
+def build_cache(kind: str, model: nn.Module | PreTrainedConfig, compressor: LoCoCoCompressor | None = None,
+                num_slots: int | None = None, beta: int | None = None) -> Cache:
     """A fresh cache of one kind for ``model``: "lococo", "h2o", "streaming" or "full".
 
     "lococo" needs ``compressor``; the baselines take ``num_slots`` and ``beta`` from it when given,

@@ -103,7 +103,9 @@ class FixedSlotLayer(DynamicLayer):
         added = key_states.shape[-2] if new_valid is None else new_valid
         self.valid_len = (self.valid_len + added).clamp(max=self.keys.shape[-2])
         self.cumulative_length += key_states.shape[-2]
-        if self.needs_scores:
+        if self.needs_scores and self._will_compress():
+            # only the call before a compression needs scores (they are never accumulated): in
+            # decoding that is one step in beta + 1, and the others skip the extra attention pass
             attention.expect_scores(self, self.keys)
         return self.keys, self.values
 
