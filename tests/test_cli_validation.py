@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from lococo.recipes import cli  # noqa: E402
+from lococo.recipes import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,7 +119,8 @@ def test_demo_numbers_are_checked_by_argparse(capsys, argv, flag, expected):
 
 
 def test_demo_document_is_checked_before_the_model(capsys):
-    assert "--doc nowhere.txt: neither a file nor a document id" in usage_error(capsys, ["demo", "--doc", "nowhere.txt"])
+    err = usage_error(capsys, ["demo", "--doc", "nowhere.txt"])
+    assert "--doc nowhere.txt: neither a file nor a document id" in err
 
 
 def test_demo_without_a_compressor_fails_before_the_model(capsys, tmp_path):

@@ -10,9 +10,10 @@ import pytest
 
 pytest.importorskip("transformers")
 
-import lococo  # noqa: E402
-from hf_models import cache_kw, random_ids, tiny_compressor, tiny_model  # noqa: E402
-from lococo.compressor import CONFIG_FILE, WEIGHTS_FILE, read_compressor_config  # noqa: E402
+import lococo
+from lococo.compressor import CONFIG_FILE, WEIGHTS_FILE, read_compressor_config
+
+from hf_models import cache_kw, random_ids, tiny_compressor, tiny_model
 
 SHIPPED = Path(lococo.__file__).resolve().parent / "pretrained" / "smollm2-135m-m128"
 

@@ -8,8 +8,9 @@ import pytest
 
 pytest.importorskip("transformers")
 
-import lococo  # noqa: E402
-from hf_models import random_ids, tiny_compressor, tiny_model  # noqa: E402
+import lococo
+
+from hf_models import random_ids, tiny_compressor, tiny_model
 
 
 @pytest.mark.skipif(lococo.cache_kwarg(tiny_model()) != "cache",

@@ -13,8 +13,11 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from lococo import LoCoCoCompressor  # noqa: E402
-from train_helpers import docs, read_log, refused, tiny_model, train  # noqa: E402,F401  (fixtures)
+from train_helpers import read_log, refused, train
+
+from lococo import LoCoCoCompressor
+
+pytest_plugins = ["train_fixtures"]  # tiny_model, docs
 
 PACKAGE = Path(__file__).resolve().parent.parent / "python" / "lococo"
 

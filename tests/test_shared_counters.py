@@ -8,10 +8,11 @@ import pytest
 
 pytest.importorskip("transformers")
 
-import lococo  # noqa: E402
-from hf_models import cache_kw, random_ids, tiny_compressor, tiny_model  # noqa: E402
-from lococo.hf.caches import build_cache, kv_bytes  # noqa: E402
-from lococo.recipes import demo, evaluate  # noqa: E402
+import lococo
+from lococo.hf.caches import build_cache, kv_bytes
+from lococo.recipes import demo, evaluate
+
+from hf_models import cache_kw, random_ids, tiny_compressor, tiny_model
 
 
 @pytest.mark.parametrize("kind", ["full", "lococo", "h2o", "streaming"])

@@ -13,9 +13,12 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from lococo import LoCoCoCompressor  # noqa: E402
-from lococo.recipes import cli  # noqa: E402
-from train_helpers import TINY, docs, read_log, tiny_model, train  # noqa: E402,F401  (fixtures)
+from train_helpers import TINY, read_log, train
+
+from lococo import LoCoCoCompressor
+from lococo.recipes import cli
+
+pytest_plugins = ["train_fixtures"]  # tiny_model, docs
 
 
 def test_train_changes_the_compressor_and_writes_its_outputs(tiny_model, docs, tmp_path):

@@ -78,12 +78,12 @@ def main(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from . import assets
-    from ..hf.caches import build_cache
     from ..compressor import LoCoCoCompressor
-    from .evaluate import token_losses
+    from ..hf.caches import build_cache
     from ..hf.compat import cache_kwarg
     from ..hf.patching import apply_lococo
+    from . import assets
+    from .evaluate import token_losses
 
     torch.manual_seed(0)
     name, text = pick_document(args)  # a missing document fails before the model loads

@@ -25,8 +25,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .argtypes import (UsageError, add_assets_dir, bucket_edges, check_writable, choices_list, int_at_least,
-                       non_negative_int, positive_int)
+from .argtypes import (
+    UsageError,
+    add_assets_dir,
+    bucket_edges,
+    check_writable,
+    choices_list,
+    int_at_least,
+    non_negative_int,
+    positive_int,
+)
 
 METHODS = ("full", "lococo", "h2o", "streaming")
 METHOD_LABELS = {"full": "full cache", "lococo": "LoCoCo", "h2o": "H2O",
@@ -289,9 +297,9 @@ def set_up(args) -> Evaluation:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import assets
     from ..compressor import LoCoCoCompressor
     from ..hf.patching import apply_lococo
+    from . import assets
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_path = args.model or assets.model_dir(args.assets_dir)

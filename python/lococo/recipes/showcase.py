@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from ..ops import library as _library, reference
 from ..compressor import LayerCompressor
+from ..ops import library as _library, reference
 from .argtypes import int_at_least, positive_int
 
 

@@ -40,8 +40,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import run_folder
-from .argtypes import (UsageError, add_assets_dir, check_writable, finite_real, fraction, int_at_least,
-                       non_negative_int, odd_int, positive_int, positive_real)
+from .argtypes import (
+    UsageError,
+    add_assets_dir,
+    check_writable,
+    finite_real,
+    fraction,
+    int_at_least,
+    non_negative_int,
+    odd_int,
+    positive_int,
+    positive_real,
+)
 
 DEFAULT_LR = {"compressor": 5e-2, "embed_norm": 2.5e-4, "lora": 5e-5}
 

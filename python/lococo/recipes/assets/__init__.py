@@ -32,10 +32,29 @@ from pathlib import Path
 
 from .html_text import html_to_text
 from .model import MODEL, SANITY_MAX_LOSS, fetch_model, load_model, model_dir
-from .split import (SPLITS_FILE, Document, Split, build_split, check_documents, check_split_documents, document_path,
-                    load_split, read_document, write_split)
-from .store import (CACHE_ENV, FETCH_COMMAND, MARKER, AssetError, AssetMissingError, cache_dir, folder_size, log,
-                    sha256_file)
+from .split import (
+    SPLITS_FILE,
+    Document,
+    Split,
+    build_split,
+    check_documents,
+    check_split_documents,
+    document_path,
+    load_split,
+    read_document,
+    write_split,
+)
+from .store import (
+    CACHE_ENV,
+    FETCH_COMMAND,
+    MARKER,
+    AssetError,
+    AssetMissingError,
+    cache_dir,
+    folder_size,
+    log,
+    sha256_file,
+)
 from .text import SOURCES, TextSource, fetch_text, text_status
 
 __all__ = [

@@ -12,8 +12,19 @@ import tempfile
 from pathlib import Path
 
 from . import registry
-from .store import (AssetError, AssetMissingError, cache_dir, damaged_files, file_entry, log, publish, read_marker,
-                    sha256_file, staging_folder, timed)
+from .store import (
+    AssetError,
+    AssetMissingError,
+    cache_dir,
+    damaged_files,
+    file_entry,
+    log,
+    publish,
+    read_marker,
+    sha256_file,
+    staging_folder,
+    timed,
+)
 
 
 @dataclasses.dataclass(frozen=True)
