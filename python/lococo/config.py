@@ -1,4 +1,4 @@
-"""LoCoCoConfig: the hyper-parameters of a LoCoCo cache (SPEC section 1), validated once."""
+"""LoCoCoConfig: the hyper-parameters of a LoCoCo cache (docs/design.md#notation-and-defaults), validated once."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """`python -m lococo.recipes.showcase`: the fuse_kv op on SmolLM2-shaped inputs, against the reference.
 
 Streams random keys and values of a 3-KV-head, d = 64 layer through a 128-slot cache that
-compresses whenever it holds more than M + beta entries (SPEC section 3), with the compiled
+compresses whenever it holds more than M + beta entries (docs/design.md#compression-trigger), with the compiled
 kernel and with the PyTorch reference side by side, and prints agreement, time and memory.
 """
 

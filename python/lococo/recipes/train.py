@@ -1,4 +1,4 @@
-"""Train LoCoCo compressors on a frozen causal LM (the original recipe, SPEC section 6).
+"""Train LoCoCo compressors on a frozen causal LM (the original recipe, docs/design.md#the-original-recipe).
 
 Sequences of chunk_size * chunks_per_seq tokens are cut from the training documents and run
 chunk by chunk through the compressing cache. Each chunk has its own loss and its own
