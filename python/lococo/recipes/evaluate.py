@@ -72,15 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
 
-def compressor_config(folder: str):
-    """The LoCoCoConfig of a compressor folder, read without loading its weights."""
-    from ..compressor import read_compressor_config
-
-    return read_compressor_config(folder)[0]
-
-
 def validate(args) -> None:
     """The checks that involve several arguments or the compressor's config, before any model loads."""
+    from ..compressor import read_compressor_config
+
     args.methods = args.methods or [m for m in METHODS if m != "lococo" or args.compressor]
     if "lococo" in args.methods and not args.compressor:
         raise UsageError("the lococo method needs --compressor DIR (a trained compressor, e.g. the output "
@@ -88,22 +83,13 @@ def validate(args) -> None:
     config = None
     if args.compressor:
         try:
-            config = compressor_config(args.compressor)
+            config = read_compressor_config(args.compressor)[0]
         except (OSError, ValueError) as exc:
             raise UsageError(f"--compressor: {exc}") from None
         if args.num_slots not in (None, config.num_slots):
             raise UsageError(f"--num-slots {args.num_slots} differs from the compressor's M = {config.num_slots}")
-    args.num_slots = args.num_slots if args.num_slots is not None else (config.num_slots if config else 128)
-    args.chunk_size = args.chunk_size if args.chunk_size is not None else (config.chunk_size if config else 128)
-    args.beta = args.beta if args.beta is not None else (config.beta if config else 16)
-    from ..hf.caches.baselines import H2OLayer, StreamingLLMLayer
-
-    for method, layer_type in (("h2o", H2OLayer), ("streaming", StreamingLLMLayer)):
-        if method in args.methods:
-            try:
-                layer_type(args.num_slots, args.beta)  # the baseline's own checks, before any model loads
-            except ValueError as exc:
-                raise UsageError(f"--num-slots {args.num_slots} does not suit the {method} method: {exc}") from None
+    fill_defaults(args, config)
+    check_baselines(args)
     if args.buckets[0] >= args.max_tokens:
         raise UsageError(f"--buckets start at {args.buckets[0]}, at or after the end of the range "
                          f"(--max-tokens {args.max_tokens}): no token would be counted")
@@ -115,7 +101,27 @@ def validate(args) -> None:
     check_writable(Path(args.output), "--output")
 
 
+def fill_defaults(args, config) -> None:
+    """M, B and beta not given: the compressor's, else 128, 128 and 16."""
+    for name, default in (("num_slots", 128), ("chunk_size", 128), ("beta", 16)):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(config, name) if config is not None else default)
+
+
+def check_baselines(args) -> None:
+    """The baselines' own checks of M and beta (StreamingLLM keeps 4 sinks, so M >= 4)."""
+    from ..hf.caches.baselines import H2OLayer, StreamingLLMLayer
+
+    for method, layer_type in (("h2o", H2OLayer), ("streaming", StreamingLLMLayer)):
+        if method in args.methods:
+            try:
+                layer_type(args.num_slots, args.beta)
+            except ValueError as exc:
+                raise UsageError(f"--num-slots {args.num_slots} does not suit the {method} method: {exc}") from None
+
+
 def check_device(name: str) -> None:
+    """A device torch can name and, for CUDA, sees."""
     import torch
 
     try:
