@@ -37,7 +37,7 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.pt"
 CHECKPOINT_ARGS_FILE = "run_args.json"
 CHECKPOINT_RE = re.compile(r"step-(\d+)$")
-COMPRESSOR_FILES = ("lococo_config.json", "lococo_compressor.safetensors")
+COMPRESSOR_FILES = ("lococo_config.json", "lococo_compressor.safetensors")  # save_pretrained's (no torch import here)
 RUN_OUTPUTS = (ARGS_FILE, LOG_FILE, "log.csv", "loss.png", *COMPRESSOR_FILES)
 RUN_FOLDERS = (CHECKPOINTS, "model")
 
