@@ -18,13 +18,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(autouse=True)
 def no_model_loads(monkeypatch):
-    """Any model or tokenizer load fails the test: validation must end the command first."""
+    """Any model or tokenizer load fails the test (a config may be read): validation must end the command first."""
     import transformers
 
     def loaded(*args, **kwargs):
         raise AssertionError("a model was loaded before the arguments were checked")
 
-    for name in ("AutoModelForCausalLM", "AutoTokenizer", "AutoConfig"):
+    for name in ("AutoModelForCausalLM", "AutoTokenizer"):
         monkeypatch.setattr(getattr(transformers, name), "from_pretrained", loaded)
 
 
@@ -73,6 +73,22 @@ def test_eval_unwritable_output_fails_first(capsys, tmp_path):
     blocker.write_text("")
     err = usage_error(capsys, EVAL + [str(blocker / "results"), "--methods", "full"])
     assert f"--output {blocker / 'results'} cannot be written" in err
+
+
+def test_eval_compressor_for_another_model_fails_before_the_model(capsys, tmp_path):
+    from transformers import LlamaConfig
+
+    import lococo
+
+    small = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2)
+    small.save_pretrained(tmp_path / "model")
+    small.num_hidden_layers = 3
+    lococo.LoCoCoCompressor.for_model(small, num_slots=16).save_pretrained(tmp_path / "compressor")
+    err = usage_error(capsys, EVAL + [str(tmp_path / "out"), "--model", str(tmp_path / "model"), "--compressor",
+                                      str(tmp_path / "compressor")])
+    assert "--compressor was built for llama with 3 layers and head_dim 8; the model (llama) differs: 3 decoder " \
+           "layers vs 2" in err
 
 
 def test_eval_compressor_is_read_before_the_model(capsys, tmp_path):

@@ -34,18 +34,20 @@ def validate(args) -> None:
     """The compressor must be readable, and --doc a file or a document id, before the model loads."""
     from ..compressor import read_compressor_config
     from .assets import SOURCES
+    from .evaluate import check_compressor_fits
 
     if args.doc and not Path(args.doc).is_file() and args.doc.partition(":")[0] not in SOURCES:
         raise UsageError(f"--doc {args.doc}: neither a file nor a document id (<source>:<path>, source one of "
                          f"{', '.join(sorted(SOURCES))})")
 
     try:
-        read_compressor_config(args.compressor)
+        geometry = read_compressor_config(args.compressor)[1]
     except FileNotFoundError:
         raise UsageError(f"no compressor at --compressor {args.compressor} (train one with `lococo train "
                          "--output DIR` and pass --compressor DIR)") from None
     except ValueError as exc:
         raise UsageError(f"--compressor: {exc}") from None
+    check_compressor_fits(geometry, None, args.assets_dir)
 
 
 def pick_document(args) -> tuple[str, str]:

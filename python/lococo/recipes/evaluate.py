@@ -83,9 +83,10 @@ def validate(args) -> None:
     config = None
     if args.compressor:
         try:
-            config = read_compressor_config(args.compressor)[0]
+            config, geometry = read_compressor_config(args.compressor)
         except (OSError, ValueError) as exc:
             raise UsageError(f"--compressor: {exc}") from None
+        check_compressor_fits(geometry, args.model, args.assets_dir)
         if args.num_slots not in (None, config.num_slots):
             raise UsageError(f"--num-slots {args.num_slots} differs from the compressor's M = {config.num_slots}")
     fill_defaults(args, config)
@@ -99,6 +100,23 @@ def validate(args) -> None:
     if args.device is not None:
         check_device(args.device)
     check_writable(Path(args.output), "--output")
+
+
+def check_compressor_fits(geometry, model: str | None, assets_dir: str | None) -> None:
+    """The compressor's layers and head_dim against the model's config (read without its weights)."""
+    from transformers import AutoConfig
+
+    from . import assets
+
+    path = model or assets.model_dir(assets_dir)
+    try:
+        model_config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--model {path}: {exc}") from None
+    try:
+        geometry.require_fit(model_config, "--compressor")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def fill_defaults(args, config) -> None:
