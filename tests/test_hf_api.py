@@ -33,10 +33,10 @@ def test_config_rejects_bad_values(fields, message):
 
 
 def test_config_derived_sizes():
-    assert (lococo.LoCoCoConfig().heavy_slots, lococo.LoCoCoConfig().fused_slots) == (64, 64)
-    assert lococo.LoCoCoConfig(num_slots=129).fused_slots == 65            # halves round up
-    assert lococo.LoCoCoConfig(num_slots=16, num_heavy=4).fused_slots == 12
-    assert lococo.LoCoCoConfig(rho=1.0).heavy_slots == 0
+    assert (lococo.LoCoCoConfig().num_heavy, lococo.LoCoCoConfig().num_fused) == (64, 64)
+    assert lococo.LoCoCoConfig(num_slots=129).num_fused == 65            # halves round up
+    assert lococo.LoCoCoConfig(num_slots=16, num_heavy=4).num_fused == 12
+    assert lococo.LoCoCoConfig(rho=1.0).num_heavy == 0
     with pytest.raises(ValueError, match="unknown fields"):
         lococo.LoCoCoConfig.from_dict({"num_slots": 8, "slots": 3})
 

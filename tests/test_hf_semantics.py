@@ -26,7 +26,7 @@ def spec_loop(model, compressor, input_ids, chunk, detach_between_chunks=False):
     (docs/design.md#the-original-recipe).
     """
     cfg = compressor.config
-    M, beta, H, l = cfg.num_slots, cfg.beta, cfg.heavy_slots, cfg.num_local
+    M, beta, H, l = cfg.num_slots, cfg.beta, cfg.num_heavy, cfg.num_local
     inner = model.model
     b, T = input_ids.shape
     n_layers = len(inner.layers)

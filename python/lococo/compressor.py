@@ -13,7 +13,7 @@ from torch import nn
 from .config import LoCoCoConfig
 from .ops import fuse_kv
 
-__all__ = ["LayerCompressor", "LoCoCoCompressor", "ModelGeometry"]
+__all__ = ["LayerCompressor", "LoCoCoCompressor", "ModelGeometry", "read_compressor_config"]
 
 CONFIG_FILE = "lococo_config.json"
 WEIGHTS_FILE = "lococo_compressor.safetensors"
@@ -91,6 +91,23 @@ class ModelGeometry:
         except AttributeError as exc:
             raise TypeError(f"cannot read the attention geometry of {type(config).__name__}: {exc}") from exc
 
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelGeometry:
+        """The geometry recorded by ``save_pretrained``; ValueError naming the field that is wrong."""
+        for name in ("model_type", "num_layers", "head_dim", "num_kv_heads"):
+            if name not in data:
+                raise ValueError(f"model.{name} is missing")
+        if not isinstance(data["model_type"], str):
+            raise ValueError(f"model.model_type must be a string, got {data['model_type']!r}")
+        for name in ("num_layers", "head_dim", "num_kv_heads"):
+            value = data[name]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+        unknown = sorted(set(data) - {"model_type", "num_layers", "head_dim", "num_kv_heads"})
+        if unknown:
+            raise ValueError(f"model has unknown fields {unknown}")
+        return cls(data["model_type"], data["num_layers"], data["head_dim"], data["num_kv_heads"])
+
     def differences(self, other: ModelGeometry) -> list[str]:
         """The shape-relevant fields that differ, in words (model_type and KV heads excluded)."""
         out = []
@@ -99,6 +116,50 @@ class ModelGeometry:
         if self.head_dim != other.head_dim:
             out.append(f"head_dim {self.head_dim} vs {other.head_dim}")
         return out
+
+    def require_fit(self, model_or_config, subject: str) -> ModelGeometry:
+        """The model's geometry; raises ValueError saying what differs when ``subject`` does not fit it."""
+        theirs = ModelGeometry.of(model_or_config)
+        diff = self.differences(theirs)
+        if diff:
+            raise ValueError(
+                f"{subject} was built for {self.model_type or 'a model'} with {self.num_layers} layers and "
+                f"head_dim {self.head_dim}; the model ({theirs.model_type}) differs: {'; '.join(diff)}")
+        return theirs
+
+
+def read_compressor_config(path: str | Path) -> tuple[LoCoCoConfig, ModelGeometry]:
+    """The config and geometry in a compressor folder's lococo_config.json, checked field by field.
+
+    Every error is a ValueError (FileNotFoundError when the file is absent) naming the file and
+    the field; no field is filled in with a default.
+    """
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} must hold {CONFIG_FILE} and {WEIGHTS_FILE} (written by save_pretrained)")
+    try:
+        meta = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{file}: expected a JSON object with format_version, config and model, got a "
+                         f"{type(meta).__name__}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{file}: format_version {meta.get('format_version')!r} is not supported (this lococo "
+                         f"reads {FORMAT_VERSION})")
+    for key in ("config", "model"):
+        if not isinstance(meta.get(key), dict):
+            raise ValueError(f"{file}: field {key} is missing or not a JSON object")
+    missing = [name for name in LoCoCoConfig.field_names() if name not in meta["config"]]
+    if missing:
+        raise ValueError(f"{file}: field{'s' if len(missing) > 1 else ''} "
+                         f"{', '.join('config.' + name for name in missing)} missing")
+    try:
+        config = LoCoCoConfig.from_dict(meta["config"])
+        geometry = ModelGeometry.from_dict(meta["model"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{file}: {str(exc).replace('LoCoCoConfig: ', 'config: ')}") from None
+    return config, geometry
 
 
 class LoCoCoCompressor(nn.Module):
@@ -117,7 +178,7 @@ class LoCoCoCompressor(nn.Module):
         self.config = config
         self.geometry = geometry
         self.layers = nn.ModuleList(
-            LayerCompressor(geometry.head_dim, config.fused_slots, config.kernel_size, config.init_std,
+            LayerCompressor(geometry.head_dim, config.num_fused, config.kernel_size, config.init_std,
                             config.alpha_init, device=device, dtype=dtype)
             for _ in range(geometry.num_layers))
 
@@ -145,19 +206,13 @@ class LoCoCoCompressor(nn.Module):
 
     def needs_scores(self) -> bool:
         """False only for pure convolution (no heavy hitters and alpha = 1 in every layer)."""
-        if self.config.heavy_slots > 0:
+        if self.config.num_heavy > 0:
             return True
         return any(float(layer.alpha.detach()) != 1.0 for layer in self.layers)
 
     def check_model(self, model_or_config) -> None:
         """Raises ValueError saying what differs when this compressor does not fit the model."""
-        theirs = ModelGeometry.of(model_or_config)
-        diff = self.geometry.differences(theirs)
-        if diff:
-            raise ValueError(
-                f"this LoCoCo compressor does not fit the model: it was built for "
-                f"{self.geometry.model_type or 'a model'} with {self.geometry.num_layers} layers and head_dim "
-                f"{self.geometry.head_dim}, the model ({theirs.model_type}) differs: {'; '.join(diff)}")
+        self.geometry.require_fit(model_or_config, "this LoCoCo compressor")
 
     def save_pretrained(self, path: str | Path) -> None:
         """Writes lococo_config.json and lococo_compressor.safetensors into the folder ``path``."""
@@ -183,22 +238,11 @@ class LoCoCoCompressor(nn.Module):
         from safetensors.torch import load_file
 
         path = Path(path)
-        if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+        if not (path / WEIGHTS_FILE).is_file():
             raise FileNotFoundError(f"{path} must hold {CONFIG_FILE} and {WEIGHTS_FILE} (written by save_pretrained)")
-        meta = json.loads((path / CONFIG_FILE).read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path / CONFIG_FILE}: format_version {meta.get('format_version')} is not "
-                             f"supported (this lococo reads {FORMAT_VERSION})")
-        config = LoCoCoConfig.from_dict(meta["config"])
-        geometry = ModelGeometry(**meta["model"])
+        config, geometry = read_compressor_config(path)
         if model is not None:
-            theirs = ModelGeometry.of(model)
-            diff = geometry.differences(theirs)
-            if diff:
-                raise ValueError(
-                    f"the compressor in {path} was trained for {geometry.model_type} with {geometry.num_layers} "
-                    f"layers and head_dim {geometry.head_dim}; the model ({theirs.model_type}) differs: "
-                    f"{'; '.join(diff)}")
+            theirs = geometry.require_fit(model, f"the compressor in {path}")
             if theirs.model_type != geometry.model_type:
                 warnings.warn(f"the compressor in {path} was trained on a {geometry.model_type} model and is "
                               f"loaded for a {theirs.model_type} model of the same shapes", stacklevel=2)
@@ -212,6 +256,8 @@ class LoCoCoCompressor(nn.Module):
         problems += [f"unexpected {name}" for name in sorted(got.keys() - expected.keys())]
         problems += [f"{name} has shape {got[name]}, the config implies {expected[name]}"
                      for name in sorted(expected.keys() & got.keys()) if got[name] != expected[name]]
+        problems += [f"{name} holds NaN or infinite values" for name in sorted(expected.keys() & got.keys())
+                     if not torch.isfinite(state[name]).all()]
         if problems:
             raise ValueError(f"{path / WEIGHTS_FILE} does not match {CONFIG_FILE}: " + "; ".join(problems))
         compressor.load_state_dict(state, assign=True)
@@ -219,5 +265,5 @@ class LoCoCoCompressor(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"M={c.num_slots}, H={c.heavy_slots}, C={c.fused_slots}, beta={c.beta}, k={c.kernel_size}, "
+        return (f"M={c.num_slots}, H={c.num_heavy}, C={c.num_fused}, beta={c.beta}, k={c.kernel_size}, "
                 f"l={c.num_local}, model={self.geometry.model_type}")

@@ -1,34 +1,52 @@
-"""LoCoCoConfig: the hyper-parameters of a LoCoCo cache (SPEC section 1), validated once."""
+"""LoCoCoConfig: the hyper-parameters of a LoCoCo cache (docs/design.md#notation-and-defaults), validated once."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 
 __all__ = ["LoCoCoConfig"]
 
+_DEFAULT_RHO = 0.5
 
-@dataclass(frozen=True)
+
+def _fail(message: str) -> None:
+    raise ValueError(f"LoCoCoConfig: {message}")
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        _fail(message)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True, init=False)
 class LoCoCoConfig:
     """Hyper-parameters of a LoCoCo cache and its compressor.
 
     Args:
         num_slots: M, the slots kept per layer and KV head after each compression.
-        rho: fraction of the M slots that are fused; the rest are heavy hitters. C = round(M * rho)
-            (halves round up), H = M - C. Ignored when ``num_heavy`` is given.
-        num_heavy: H directly (then C = M - H); mutually exclusive with a non-default ``rho``.
+        rho: fraction of the M slots that are fused; the rest are heavy hitters. The fused slots
+            are C = round(M * rho) (halves round up), the heavy hitters H = M - C.
+        num_heavy: H directly, instead of ``rho`` (then C = M - H and rho = C / M); give one or
+            the other.
         beta: slack: a layer compresses when it stores more than M + beta entries.
         kernel_size: k, the odd kernel size of the convolution.
         num_local: l, the most recent entries always kept verbatim (counted inside H).
         alpha_init: initial value of the learned blend scalar alpha (not clamped).
         init_std: standard deviation of the convolution weights at initialisation.
         chunk_size: B, the chunk length for chunked prefill, training and evaluation.
+
+    ``num_heavy`` (H) and ``num_fused`` (C) are read as properties; ``rho`` is what is stored.
     """
 
     num_slots: int = 128
-    rho: float = 0.5
-    num_heavy: int | None = None
+    rho: float = _DEFAULT_RHO
     beta: int = 16
     kernel_size: int = 21
     num_local: int = 0
@@ -36,57 +54,85 @@ class LoCoCoConfig:
     init_std: float = 1.0
     chunk_size: int = 128
 
-    def __post_init__(self):
-        def need(ok: bool, msg: str):
-            if not ok:
-                raise ValueError(f"LoCoCoConfig: {msg}")
+    def __init__(self, num_slots: int = 128, rho: float = _DEFAULT_RHO, num_heavy: int | None = None,
+                 beta: int = 16, kernel_size: int = 21, num_local: int = 0, alpha_init: float = 0.5,
+                 init_std: float = 1.0, chunk_size: int = 128):
+        for name, value in (("num_slots", num_slots), ("beta", beta), ("kernel_size", kernel_size),
+                            ("num_local", num_local), ("chunk_size", chunk_size)):
+            _need(_is_int(value), f"{name} must be an int, got {value!r}")
+        for name, value in (("rho", rho), ("alpha_init", alpha_init), ("init_std", init_std)):
+            _need(isinstance(value, (int, float)) and not isinstance(value, bool),
+                  f"{name} must be a number, got {value!r}")
+        _need(num_slots >= 1, f"num_slots (M) must be >= 1, got {num_slots}")
+        if num_heavy is not None:
+            _need(_is_int(num_heavy), f"num_heavy must be an int or None, got {num_heavy!r}")
+            _need(rho == _DEFAULT_RHO,
+                  f"give either rho or num_heavy, not both (got rho={rho}, num_heavy={num_heavy})")
+            _need(0 <= num_heavy < num_slots,
+                  f"num_heavy must be in [0, num_slots - 1 = {num_slots - 1}] so that at least one slot is "
+                  f"fused, got {num_heavy}")
+            rho = (num_slots - num_heavy) / num_slots
+        for name, value in (("num_slots", num_slots), ("rho", float(rho)), ("beta", beta),
+                            ("kernel_size", kernel_size), ("num_local", num_local), ("alpha_init", alpha_init),
+                            ("init_std", init_std), ("chunk_size", chunk_size)):
+            object.__setattr__(self, name, value)
+        self._validate()
 
-        for name in ("num_slots", "beta", "kernel_size", "num_local", "chunk_size"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool),
-                 f"{name} must be an int, got {value!r}")
-        need(self.num_slots >= 1, f"num_slots (M) must be >= 1, got {self.num_slots}")
-        need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
-        need(self.kernel_size >= 1 and self.kernel_size % 2 == 1,
-             f"kernel_size must be a positive odd number, got {self.kernel_size}")
-        need(self.chunk_size >= 1, f"chunk_size must be >= 1, got {self.chunk_size}")
-        need(math.isfinite(self.rho) and 0.0 <= self.rho <= 1.0, f"rho must be in [0, 1], got {self.rho}")
-        if self.num_heavy is not None:
-            need(isinstance(self.num_heavy, int) and not isinstance(self.num_heavy, bool),
-                 f"num_heavy must be an int or None, got {self.num_heavy!r}")
-            need(self.rho == LoCoCoConfig.rho,
-                 f"give either rho or num_heavy, not both (got rho={self.rho}, num_heavy={self.num_heavy})")
-            need(0 <= self.num_heavy < self.num_slots,
-                 f"num_heavy must be in [0, num_slots - 1 = {self.num_slots - 1}] so that at least one "
-                 f"slot is fused, got {self.num_heavy}")
-        need(self.fused_slots >= 1,
-             f"rho = {self.rho} leaves no fused slot for num_slots = {self.num_slots}; use "
-             "lococo.H2OCache for pure top-M selection")
-        need(0 <= self.num_local <= self.heavy_slots,
-             f"num_local must be in [0, H = {self.heavy_slots}] (the recent entries are kept among the heavy "
-             f"hitters), got {self.num_local}")
-        need(math.isfinite(self.alpha_init), f"alpha_init must be finite, got {self.alpha_init}")
-        need(math.isfinite(self.init_std) and self.init_std > 0, f"init_std must be > 0, got {self.init_std}")
+    def _validate(self) -> None:
+        _need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
+        _need(self.kernel_size >= 1 and self.kernel_size % 2 == 1,
+              f"kernel_size must be a positive odd number, got {self.kernel_size}")
+        _need(self.chunk_size >= 1, f"chunk_size must be >= 1, got {self.chunk_size}")
+        _need(math.isfinite(self.rho) and 0.0 <= self.rho <= 1.0, f"rho must be in [0, 1], got {self.rho}")
+        _need(self.num_fused >= 1,
+              f"rho = {self.rho} leaves no fused slot for num_slots = {self.num_slots}; use "
+              "lococo.H2OCache for pure top-M selection")
+        _need(0 <= self.num_local <= self.num_heavy,
+              f"num_local must be in [0, H = {self.num_heavy}] (the recent entries are kept among the heavy "
+              f"hitters), got {self.num_local}")
+        _need(math.isfinite(self.alpha_init), f"alpha_init must be finite, got {self.alpha_init}")
+        _need(math.isfinite(self.init_std) and self.init_std > 0, f"init_std must be > 0, got {self.init_std}")
 
     @property
-    def fused_slots(self) -> int:
+    def num_fused(self) -> int:
         """C, the fused slots."""
-        if self.num_heavy is not None:
-            return self.num_slots - self.num_heavy
         return int(math.floor(self.num_slots * self.rho + 0.5))
 
     @property
-    def heavy_slots(self) -> int:
+    def num_heavy(self) -> int:
         """H, the heavy-hitter slots."""
-        return self.num_slots - self.fused_slots
+        return self.num_slots - self.num_fused
+
+    @property
+    def fused_slots(self) -> int:
+        """Deprecated name of ``num_fused``."""
+        warnings.warn("LoCoCoConfig.fused_slots is deprecated; use num_fused", DeprecationWarning, stacklevel=2)
+        return self.num_fused
+
+    @property
+    def heavy_slots(self) -> int:
+        """Deprecated name of ``num_heavy``."""
+        warnings.warn("LoCoCoConfig.heavy_slots is deprecated; use num_heavy", DeprecationWarning, stacklevel=2)
+        return self.num_heavy
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """The fields ``to_dict`` writes (and a saved config must hold)."""
+        return [f.name for f in dataclasses.fields(cls)]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> LoCoCoConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        """A config from ``to_dict``'s fields; ``num_heavy`` (written by lococo 0.1: null unless H was given) too."""
+        if not isinstance(data, dict):
+            _fail(f"expected a dict of fields, got {type(data).__name__}")
+        known = set(cls.field_names())
+        unknown = sorted(set(data) - known - {"num_heavy"})
         if unknown:
-            raise ValueError(f"LoCoCoConfig: unknown fields {unknown}; known fields are {sorted(known)}")
-        return cls(**data)
+            _fail(f"unknown fields {unknown}; known fields are {sorted(known)}")
+        fields = dict(data)
+        if fields.get("num_heavy", 0) is None:
+            del fields["num_heavy"]
+        return cls(**fields)

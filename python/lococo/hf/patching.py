@@ -133,6 +133,16 @@ def _after_forward(state: _PatchState, module, args, kwargs, output):
 
 def _generate(model, *args, **kwargs):
     state: _PatchState = getattr(model, _STATE_ATTR)
+    if state.cache_kwarg == "cache" and "past_key_values" in kwargs:
+        # transformers would warn from inside this wrapper; rename here and warn at the caller's line
+        old = kwargs.pop("past_key_values")
+        if "cache" in kwargs:
+            warnings.warn(f"Both `past_key_values` and `cache` are set for `{type(model).__name__}.generate`; "
+                          "using `cache` and ignoring the deprecated `past_key_values`", FutureWarning, stacklevel=2)
+        else:
+            warnings.warn(f"`past_key_values` is deprecated for `{type(model).__name__}.generate` in this "
+                          "transformers version. Use `cache` instead.", FutureWarning, stacklevel=2)
+            kwargs["cache"] = old
     gen_config = kwargs.get("generation_config") or model.generation_config
     wants_cache = kwargs.get("use_cache", getattr(gen_config, "use_cache", True)) is not False
     default_cache = kwargs.get("cache_implementation", getattr(gen_config, "cache_implementation", None)) is None

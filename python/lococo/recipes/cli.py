@@ -7,7 +7,9 @@
     lococo eval --compressor DIR [...]       (see `lococo eval --help`)
     lococo demo [--tokens N]                 the full cache against LoCoCo on a real model
 
-Heavy modules (torch, transformers) are imported only by the command that needs them.
+Heavy modules (torch, transformers) are imported only by the command that needs them. Every
+argument is checked before any of them loads: a bad one ends the command with a message naming
+it and exit code 2.
 """
 
 from __future__ import annotations
@@ -17,17 +19,14 @@ import json
 import os
 import sys
 
-
-def _add_cache(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cache", default=None,
-                        help="asset cache folder (default: $LOCOCO_CACHE or ~/.cache/lococo)")
+from .argtypes import UsageError, UsageExit, add_assets_dir, choices_list, positive_int
 
 
 def _assets_fetch(args) -> int:
     from . import assets
 
-    only = [item for part in (args.only or []) for item in part.split(",") if item]
-    summary = assets.fetch(args.cache, only or None, force=args.force)
+    only = [item for part in (args.only or []) for item in part]
+    summary = assets.fetch(args.assets_dir, only or None, force=args.force)
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -35,7 +34,7 @@ def _assets_fetch(args) -> int:
 def _assets_status(args) -> int:
     from . import assets
 
-    report = assets.status(args.cache, full=args.full)
+    report = assets.status(args.assets_dir, full=args.full)
     print(json.dumps(report, indent=1))
     return 0 if all(v.get("ok") for v in report.values() if isinstance(v, dict)) else 1
 
@@ -46,8 +45,8 @@ def _assets_split(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(assets.model_dir(args.cache))
-    split = assets.build_split(tokenizer, args.cache, min_tokens=args.min_tokens)
+    tokenizer = AutoTokenizer.from_pretrained(assets.model_dir(args.assets_dir))
+    split = assets.build_split(tokenizer, args.assets_dir, min_tokens=args.min_tokens)
     assets.write_split(split, args.output)
     print(f"{args.output}: " + ", ".join(f"{p} {len(split[p])} documents "
                                          f"({sum(d['tokens'] for d in split[p]) / 1e6:.1f}M tokens)"
@@ -63,22 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
     assets_commands = assets_parser.add_subparsers(dest="assets_command", required=True)
     fetch = assets_commands.add_parser(
         "fetch", help="download, verify and convert the model and the documents (idempotent)")
-    _add_cache(fetch)
-    fetch.add_argument("--only", action="append", metavar="WHAT",
+    add_assets_dir(fetch)
+    fetch.add_argument("--only", action="append", metavar="WHAT", type=choices_list(_asset_names, "assets"),
                        help="model, text, train-text, eval-text or a source name; comma "
                             "separated or repeated (default: model and text)")
     fetch.add_argument("--force", action="store_true", help="fetch again even when present")
     fetch.set_defaults(func=_assets_fetch)
     status = assets_commands.add_parser("status", help="what is cached and whether it verifies")
-    _add_cache(status)
+    add_assets_dir(status)
     status.add_argument("--full", action="store_true", help="check SHA-256 of every file")
     status.set_defaults(func=_assets_status)
     split = assets_commands.add_parser(
         "split", help="rebuild the train/dev/test document split from the cache (maintainers)")
-    _add_cache(split)
+    add_assets_dir(split)
     from .assets import SPLITS_FILE
     split.add_argument("--output", default=str(SPLITS_FILE), help="where to write the split")
-    split.add_argument("--min-tokens", type=int, default=4096, help="shortest document kept")
+    split.add_argument("--min-tokens", type=positive_int, default=4096, help="shortest document kept")
     split.set_defaults(func=_assets_split)
 
     from . import demo, evaluate, train
@@ -86,28 +85,42 @@ def build_parser() -> argparse.ArgumentParser:
                                        description=train.__doc__,
                                        formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_arguments(train_parser)
-    train_parser.set_defaults(func=train.main)
+    train_parser.set_defaults(func=train.main, validate=train.validate)
     eval_parser = commands.add_parser("eval", help="perplexity by position: full cache, LoCoCo, "
                                       "H2O, StreamingLLM", description=evaluate.__doc__,
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
     evaluate.add_arguments(eval_parser)
-    eval_parser.set_defaults(func=evaluate.main)
+    eval_parser.set_defaults(func=evaluate.main, validate=evaluate.validate)
     demo_parser = commands.add_parser("demo", help="SmolLM2 on a long document: full cache vs "
                                       "LoCoCo, then generation", description=demo.__doc__,
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_arguments(demo_parser)
-    demo_parser.set_defaults(func=demo.main)
+    demo_parser.set_defaults(func=demo.main, validate=demo.validate)
     return parser
 
 
+def _asset_names() -> list[str]:
+    from .assets import GROUPS, SOURCES
+
+    return [*GROUPS, *SOURCES]
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from .assets import AssetError
 
+    command = f"{parser.prog} {args.command}"
     try:
+        if getattr(args, "validate", None) is not None:
+            args.validate(args)
         return int(args.func(args) or 0)
+    except UsageError as exc:
+        message = f"{command}: error: {exc}"
+        print(message, file=sys.stderr)
+        raise UsageExit(message) from None
     except AssetError as exc:
-        print(f"lococo: error: {exc}", file=sys.stderr)
+        print(f"{command}: error: {exc}", file=sys.stderr)
         return 2
 
 

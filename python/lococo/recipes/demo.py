@@ -13,6 +13,8 @@ import os
 import time
 from pathlib import Path
 
+from .argtypes import UsageError, add_assets_dir, int_at_least, non_negative_int
+
 PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained"
 DEFAULT_COMPRESSOR = PRETRAINED / "smollm2-135m-m128"
 
@@ -21,11 +23,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--doc", default=None,
                         help="a document id of the split (default: the first held-out State of "
                              "the Union speech long enough) or a plain-text file")
-    parser.add_argument("--tokens", type=int, default=3072, help="tokens of the document to read")
+    parser.add_argument("--tokens", type=int_at_least(2), default=3072, help="tokens of the document to read")
     parser.add_argument("--compressor", default=str(DEFAULT_COMPRESSOR),
                         help="a LoCoCoCompressor folder (default: the one shipped for SmolLM2)")
-    parser.add_argument("--generate", type=int, default=40, help="tokens to generate after it")
-    parser.add_argument("--cache", default=None, help="asset cache folder")
+    parser.add_argument("--generate", type=non_negative_int, default=40, help="tokens to generate after it")
+    add_assets_dir(parser)
+
+
+def validate(args) -> None:
+    """The compressor must be readable, and --doc a file or a document id, before the model loads."""
+    from ..compressor import read_compressor_config
+    from .assets import SOURCES
+    from .evaluate import check_compressor_fits
+
+    if args.doc and not Path(args.doc).is_file() and args.doc.partition(":")[0] not in SOURCES:
+        raise UsageError(f"--doc {args.doc}: neither a file nor a document id (<source>:<path>, source one of "
+                         f"{', '.join(sorted(SOURCES))})")
+
+    try:
+        geometry = read_compressor_config(args.compressor)[1]
+    except FileNotFoundError:
+        raise UsageError(f"no compressor at --compressor {args.compressor} (train one with `lococo train "
+                         "--output DIR` and pass --compressor DIR)") from None
+    except ValueError as exc:
+        raise UsageError(f"--compressor: {exc}") from None
+    check_compressor_fits(geometry, None, args.assets_dir)
 
 
 def pick_document(args) -> tuple[str, str]:
@@ -34,23 +56,22 @@ def pick_document(args) -> tuple[str, str]:
     if args.doc and Path(args.doc).is_file():
         return args.doc, Path(args.doc).read_text(encoding="utf-8", errors="replace")
     if args.doc:
-        return args.doc, assets.read_document(args.doc, args.cache)
+        return args.doc, assets.read_document(args.doc, args.assets_dir)
     held_out = sorted((d for d in assets.load_split()["test"]
                        if d.source == "sotu" and d.tokens > args.tokens), key=lambda d: d.id)
     if not held_out:
         raise SystemExit(f"lococo demo: no held-out speech has more than {args.tokens} tokens")
-    return held_out[0].id, assets.read_document(held_out[0].id, args.cache)
+    return held_out[0].id, assets.read_document(held_out[0].id, args.assets_dir)
 
 
 def buckets(losses: list[float], width: int = 1024) -> list[tuple[str, float]]:
     """Perplexity per `width`-token span of target positions, then over everything."""
-    def kilo(n: int) -> str:
-        return f"{n // 1024}K" if n % 1024 == 0 else f"{n / 1024:.1f}K"
+    from .evaluate import bin_losses, bucket_label
 
-    out = []
-    for lo in range(0, len(losses), width):
-        part = losses[lo:lo + width]
-        out.append((f"{kilo(lo)}-{kilo(lo + len(part))}", math.exp(sum(part) / len(part))))
+    edges = list(range(0, len(losses), width)) + [len(losses) + 1]  # target positions run from 1 to len
+    sums, counts = bin_losses(losses, edges)
+    out = [(bucket_label(lo, hi), math.exp(total / n))
+           for lo, hi, total, n in zip(edges, edges[1:], sums, counts) if n]
     out.append(("all", math.exp(sum(losses) / len(losses))))
     return out
 
@@ -59,28 +80,25 @@ def main(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from . import assets
-    from ..hf.caches import build_cache
     from ..compressor import LoCoCoCompressor
-    from .evaluate import token_losses
+    from ..hf.caches import build_cache
     from ..hf.compat import cache_kwarg
     from ..hf.patching import apply_lococo
+    from . import assets
+    from .evaluate import token_losses
 
     torch.manual_seed(0)
-    model, tokenizer = assets.load_model(args.cache)
+    name, text = pick_document(args)  # a missing document fails before the model loads
+    model, tokenizer = assets.load_model(args.assets_dir)
     model.eval()
-    if not (Path(args.compressor) / "lococo_config.json").is_file():
-        raise SystemExit(f"lococo demo: no compressor at {args.compressor} (train one with "
-                         "`lococo train --output DIR` and pass --compressor DIR)")
     compressor = LoCoCoCompressor.from_pretrained(args.compressor, model=model, dtype=torch.float32)
     cfg = compressor.config
     apply_lococo(model, compressor)
 
-    name, text = pick_document(args)
     ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids[:args.tokens]])
     print(f"lococo demo: SmolLM2-135M-Instruct reads {ids.shape[1]} tokens of {name}")
-    print(f"  LoCoCo cache: M = {cfg.num_slots} slots per layer and KV head ({cfg.heavy_slots} "
-          f"heavy hitters + {cfg.fused_slots} fused), beta = {cfg.beta}, chunk = {cfg.chunk_size}\n")
+    print(f"  LoCoCo cache: M = {cfg.num_slots} slots per layer and KV head ({cfg.num_heavy} "
+          f"heavy hitters + {cfg.num_fused} fused), beta = {cfg.beta}, chunk = {cfg.chunk_size}\n")
 
     results = {}
     for method in ("full", "lococo"):

@@ -15,12 +15,26 @@ methods.csv (memory, speed), results.md (the table), ppl_by_position.png and eva
 from __future__ import annotations
 
 import argparse
+import bisect
 import csv
 import json
 import math
 import os
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from .argtypes import (
+    UsageError,
+    add_assets_dir,
+    bucket_edges,
+    check_writable,
+    choices_list,
+    int_at_least,
+    non_negative_int,
+    positive_int,
+)
 
 METHODS = ("full", "lococo", "h2o", "streaming")
 METHOD_LABELS = {"full": "full cache", "lococo": "LoCoCo", "h2o": "H2O",
@@ -30,49 +44,116 @@ METHOD_LABELS = {"full": "full cache", "lococo": "LoCoCo", "h2o": "H2O",
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compressor", default=None, metavar="DIR",
                         help="a trained compressor folder (save_pretrained); needed for lococo")
-    parser.add_argument("--methods", default=None,
+    parser.add_argument("--methods", default=None, type=choices_list(lambda: list(METHODS), "methods"),
                         help=f"comma separated, from {','.join(METHODS)} (default: all; without "
                              "--compressor all but lococo)")
-    parser.add_argument("--num-slots", "-M", type=int, default=None,
+    parser.add_argument("--num-slots", "-M", type=positive_int, default=None,
                         help="M for every method (default: the compressor's, else 128)")
-    parser.add_argument("--chunk-size", "-B", type=int, default=None,
+    parser.add_argument("--chunk-size", "-B", type=positive_int, default=None,
                         help="tokens per forward (default: the compressor's, else 128)")
-    parser.add_argument("--beta", type=int, default=None,
+    parser.add_argument("--beta", type=non_negative_int, default=None,
                         help="slack of the baselines (default: the compressor's, else 16)")
     parser.add_argument("--model", default=None,
                         help="a from_pretrained folder (default: the fetched SmolLM2-135M)")
-    parser.add_argument("--cache", default=None, help="asset cache folder")
+    add_assets_dir(parser)
     parser.add_argument("--docs", nargs="+", metavar="FILE", help="your own plain-text documents")
     parser.add_argument("--split", default="test", choices=["test", "dev"],
                         help="documents of the packaged split (ignored with --docs)")
     parser.add_argument("--split-file", default=None, help="another splits.json")
-    parser.add_argument("--max-docs", type=int, default=None,
+    parser.add_argument("--max-docs", type=positive_int, default=None,
                         help="at most N documents, taken in turn from each source")
-    parser.add_argument("--start-token", type=int, default=0, help="first token of the range")
-    parser.add_argument("--max-tokens", type=int, default=8192, help="length of the range")
-    parser.add_argument("--buckets", default="0,1024,2048,4096,8192",
-                        help="bucket edges in tokens")
+    parser.add_argument("--start-token", type=non_negative_int, default=0, help="first token of the range")
+    parser.add_argument("--max-tokens", type=int_at_least(2), default=8192, help="length of the range")
+    parser.add_argument("--buckets", default=[0, 1024, 2048, 4096, 8192], type=bucket_edges,
+                        help="bucket edges in tokens, strictly increasing (default: 0,1024,2048,4096,8192)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--output", default="lococo-eval", help="output folder")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
 
+def validate(args) -> None:
+    """The checks that involve several arguments or the compressor's config, before any model loads."""
+    from ..compressor import read_compressor_config
+
+    args.methods = args.methods or [m for m in METHODS if m != "lococo" or args.compressor]
+    if "lococo" in args.methods and not args.compressor:
+        raise UsageError("the lococo method needs --compressor DIR (a trained compressor, e.g. the output "
+                         "folder of `lococo train`)")
+    config = None
+    if args.compressor:
+        try:
+            config, geometry = read_compressor_config(args.compressor)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--compressor: {exc}") from None
+        check_compressor_fits(geometry, args.model, args.assets_dir)
+        if args.num_slots not in (None, config.num_slots):
+            raise UsageError(f"--num-slots {args.num_slots} differs from the compressor's M = {config.num_slots}")
+    fill_defaults(args, config)
+    check_baselines(args)
+    if args.buckets[0] >= args.max_tokens:
+        raise UsageError(f"--buckets start at {args.buckets[0]}, at or after the end of the range "
+                         f"(--max-tokens {args.max_tokens}): no token would be counted")
+    for path in args.docs or []:
+        if not Path(path).is_file():
+            raise UsageError(f"--docs {path}: no such file")
+    if args.device is not None:
+        check_device(args.device)
+    check_writable(Path(args.output), "--output")
+
+
+def check_compressor_fits(geometry, model: str | None, assets_dir: str | None) -> None:
+    """The compressor's layers and head_dim against the model's config (read without its weights)."""
+    from transformers import AutoConfig
+
+    from . import assets
+
+    path = model or assets.model_dir(assets_dir)
+    try:
+        model_config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--model {path}: {exc}") from None
+    try:
+        geometry.require_fit(model_config, "--compressor")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def fill_defaults(args, config) -> None:
+    """M, B and beta not given: the compressor's, else 128, 128 and 16."""
+    for name, default in (("num_slots", 128), ("chunk_size", 128), ("beta", 16)):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(config, name) if config is not None else default)
+
+
+def check_baselines(args) -> None:
+    """The baselines' own checks of M and beta (StreamingLLM keeps 4 sinks, so M >= 4)."""
+    from ..hf.caches.baselines import H2OLayer, StreamingLLMLayer
+
+    for method, layer_type in (("h2o", H2OLayer), ("streaming", StreamingLLMLayer)):
+        if method in args.methods:
+            try:
+                layer_type(args.num_slots, args.beta)
+            except ValueError as exc:
+                raise UsageError(f"--num-slots {args.num_slots} does not suit the {method} method: {exc}") from None
+
+
+def check_device(name: str) -> None:
+    """A device torch can name and, for CUDA, sees."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available()
+                                  or (device.index or 0) >= torch.cuda.device_count()):
+        raise UsageError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+
+
 # ----------------------------------------------------------------------------------------
 # Chunked forward through a cache
 # ----------------------------------------------------------------------------------------
-
-def kv_bytes(cache) -> int:
-    """Bytes of the keys and values stored by every layer of a cache."""
-    total = 0
-    for layer in cache.layers:
-        if not getattr(layer, "is_initialized", True):
-            continue
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if tensor is not None:
-                total += tensor.numel() * tensor.element_size()
-    return total
-
 
 def stored_entries(cache) -> int:
     """Entries stored by the first layer (every layer stores as many)."""
@@ -85,6 +166,7 @@ def token_losses(model, ids, cache, chunk_size: int) -> tuple[list[float], int, 
     """Per-token NLL of ids[0, 1:], chunk by chunk; the peak KV bytes and stored entries."""
     import torch
 
+    from ..hf.caches import kv_bytes
     from ..hf.chunked import iter_chunks
 
     losses: list[float] = []
@@ -115,21 +197,29 @@ def round_robin(documents: list, key) -> list:
     return out
 
 
-def select_documents(args) -> list[tuple[str, str]]:
-    """(name, text) of the documents to evaluate."""
+def select_documents(args) -> tuple[list[tuple[str, str]], list[str]]:
+    """(name, text) of the documents to evaluate, and the split's documents left out as missing."""
     from . import assets
 
     if args.docs:
         docs = [(path, Path(path).read_text(encoding="utf-8", errors="replace"))
                 for path in args.docs]
-        return docs[:args.max_docs]
+        return docs[:args.max_docs], []
     split = assets.load_split(args.split_file)
     wanted = args.start_token + args.max_tokens
     long_enough = [doc for doc in split[args.split] if doc.tokens >= wanted]
     if not long_enough:
-        raise ValueError(f"no {args.split} document has {wanted} tokens")
-    chosen = round_robin(long_enough, key=lambda d: d.source)[:args.max_docs]
-    return [(doc.id, assets.read_document(doc.id, args.cache)) for doc in chosen]
+        raise UsageError(f"no {args.split} document has {wanted} tokens (--start-token + --max-tokens)")
+    problems = assets.check_documents(long_enough, args.assets_dir)
+    usable = [doc for doc in long_enough if doc.id not in problems]
+    if not usable:
+        raise assets.AssetMissingError(f"The {args.split} text", assets.cache_dir(args.assets_dir), "eval-text")
+    if problems:
+        print(f"lococo eval: warning: {len(problems)} {args.split} documents are left out, they are not as the "
+              f"split recorded them in the fetched text (first: {next(iter(problems))}); see eval_meta.json",
+              file=sys.stderr, flush=True)
+    chosen = round_robin(usable, key=lambda d: d.source)[:args.max_docs]
+    return [(doc.id, assets.read_document(doc.id, args.assets_dir)) for doc in chosen], sorted(problems)
 
 
 # ----------------------------------------------------------------------------------------
@@ -137,9 +227,23 @@ def select_documents(args) -> list[tuple[str, str]]:
 # ----------------------------------------------------------------------------------------
 
 def bucket_label(lo: int, hi: int) -> str:
+    """ "0-1K", "1K-2K", "1.5K-2K", "0-32": the token positions of a bucket, in short."""
     def short(n: int) -> str:
-        return f"{n // 1024}K" if n and n % 1024 == 0 else str(n)
+        if n and n % 1024 == 0:
+            return f"{n // 1024}K"
+        return f"{n / 1024:.1f}K" if n >= 1024 else str(n)
     return f"{short(lo)}-{short(hi)}"
+
+
+def bin_losses(losses: list[float], edges: list[int]) -> tuple[list[float], list[int]]:
+    """Sums and counts of the losses per bucket [edges[i], edges[i+1]) of target position (index + 1)."""
+    sums, counts = [0.0] * (len(edges) - 1), [0] * (len(edges) - 1)
+    for position, loss in enumerate(losses, start=1):
+        bucket = bisect.bisect_right(edges, position) - 1
+        if 0 <= bucket < len(sums):
+            sums[bucket] += loss
+            counts[bucket] += 1
+    return sums, counts
 
 
 def write_results(output: Path, rows: list[dict], methods_rows: list[dict],
@@ -184,113 +288,129 @@ def write_results(output: Path, rows: list[dict], methods_rows: list[dict],
 
 
 # ----------------------------------------------------------------------------------------
-# Main
+# Set-up, the runs and the report
 # ----------------------------------------------------------------------------------------
 
-def main(args) -> int:
+@dataclass
+class Evaluation:
+    """The model, the compressor and the tokenized documents, built by ``set_up``."""
+
+    model: object
+    model_path: object
+    device: object
+    compressor: object
+    docs: list[tuple[str, str]]
+    token_ids: list
+    left_out: list[str]
+
+
+@dataclass
+class Totals:
+    """Loss sums and counts per bucket, peak memory and time of one method over all documents."""
+
+    sums: list[float]
+    counts: list[int]
+    peak_bytes: int = 0
+    peak_entries: int = 0
+    seconds: float = 0.0
+
+
+def set_up(args) -> Evaluation:
+    """Documents first (a missing one fails before the model loads), then the model and the compressor."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-    import transformers
-    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import lococo
-
-    from . import assets
-    from ..hf.caches import build_cache
     from ..compressor import LoCoCoCompressor
     from ..hf.patching import apply_lococo
-
-    methods = (args.methods.split(",") if args.methods
-               else [m for m in METHODS if m != "lococo" or args.compressor])
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"lococo eval: unknown methods {unknown}; choose from {METHODS}")
-    if "lococo" in methods and not args.compressor:
-        raise SystemExit("lococo eval: the lococo method needs --compressor DIR (a trained "
-                         "compressor, e.g. the output folder of `lococo train`)")
-    edges = [int(x) for x in args.buckets.split(",")]
-    if edges != sorted(edges) or len(edges) < 2:
-        raise SystemExit(f"lococo eval: --buckets must be increasing edges, got {args.buckets}")
-    labels = [bucket_label(lo, hi) for lo, hi in zip(edges, edges[1:])]
+    from . import assets
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model_path = args.model or assets.model_dir(args.cache)
-    docs = select_documents(args)
+    model_path = args.model or assets.model_dir(args.assets_dir)
+    docs, left_out = select_documents(args)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, args.dtype))
     model.to(device).eval()
-
     compressor = None
     if args.compressor:
-        compressor = LoCoCoCompressor.from_pretrained(args.compressor).to(device)
-        if args.num_slots not in (None, compressor.config.num_slots):
-            raise SystemExit(f"lococo eval: --num-slots {args.num_slots} differs from the "
-                             f"compressor's M = {compressor.config.num_slots}")
-    config = compressor.config if compressor is not None else None
-    num_slots = args.num_slots or (config.num_slots if config else 128)
-    chunk_size = args.chunk_size or (config.chunk_size if config else 128)
-    beta = args.beta if args.beta is not None else (config.beta if config else 16)
-    apply_lococo(model, compressor if "lococo" in methods else None)
+        compressor = LoCoCoCompressor.from_pretrained(args.compressor, model=model).to(device)
+    apply_lococo(model, compressor if "lococo" in args.methods else None)
 
     token_ids = []
     for name, text in docs:
         ids = tokenizer(text, add_special_tokens=False).input_ids
         ids = ids[args.start_token:args.start_token + args.max_tokens]
         if len(ids) < 2:
-            raise SystemExit(f"lococo eval: {name} has no tokens in the range")
+            raise UsageError(f"{name} has fewer than 2 tokens from --start-token {args.start_token} on")
         token_ids.append(torch.tensor([ids], device=device))
+    return Evaluation(model, model_path, device, compressor, docs, token_ids, left_out)
 
-    sums = {m: [0.0] * len(labels) for m in methods}
-    counts = {m: [0] * len(labels) for m in methods}
-    peaks = {m: (0, 0) for m in methods}
-    seconds = {m: 0.0 for m in methods}
-    bar = tqdm(total=len(docs) * len(methods), disable=args.no_progress, desc="lococo eval",
-               unit="run")
-    for (name, _), ids in zip(docs, token_ids):
-        for method in methods:
-            cache = build_cache(method, model, compressor if method == "lococo" else None,
-                                num_slots=None if method in ("full", "lococo") else num_slots,
-                                beta=beta)
+
+def run_methods(args, ev: Evaluation) -> dict[str, Totals]:
+    """Every document through every method's cache."""
+    from tqdm.auto import tqdm
+
+    from ..hf.caches import build_cache
+
+    totals = {m: Totals([0.0] * (len(args.buckets) - 1), [0] * (len(args.buckets) - 1)) for m in args.methods}
+    bar = tqdm(total=len(ev.docs) * len(args.methods), disable=args.no_progress, desc="lococo eval", unit="run")
+    for (name, _), ids in zip(ev.docs, ev.token_ids):
+        for method in args.methods:
+            cache = build_cache(method, ev.model, ev.compressor if method == "lococo" else None,
+                                num_slots=None if method in ("full", "lococo") else args.num_slots,
+                                beta=args.beta)
             start = time.perf_counter()
-            losses, peak_bytes, peak_entries = token_losses(model, ids, cache, chunk_size)
-            seconds[method] += time.perf_counter() - start
-            peaks[method] = (max(peaks[method][0], peak_bytes),
-                             max(peaks[method][1], peak_entries))
-            for position, loss in enumerate(losses, start=1):  # position of the target token
-                for b, (lo, hi) in enumerate(zip(edges, edges[1:])):
-                    if lo <= position < hi:
-                        sums[method][b] += loss
-                        counts[method][b] += 1
-                        break
+            losses, peak_bytes, peak_entries = token_losses(ev.model, ids, cache, args.chunk_size)
+            total = totals[method]
+            total.seconds += time.perf_counter() - start
+            total.peak_bytes = max(total.peak_bytes, peak_bytes)
+            total.peak_entries = max(total.peak_entries, peak_entries)
+            sums, counts = bin_losses(losses, args.buckets)
+            total.sums = [a + b for a, b in zip(total.sums, sums)]
+            total.counts = [a + b for a, b in zip(total.counts, counts)]
             bar.set_postfix(doc=Path(name).name[:24], method=method)
             bar.update(1)
     bar.close()
+    return totals
 
+
+def report(args, ev: Evaluation, totals: dict[str, Totals]) -> None:
+    """The CSV files, the table, the plot and the metadata in --output."""
+    import torch
+    import transformers
+
+    import lococo
+
+    edges = args.buckets
+    labels = [bucket_label(lo, hi) for lo, hi in zip(edges, edges[1:])]
     rows, method_rows = [], []
-    for method in methods:
-        m_slots = None if method == "full" else num_slots
-        for label, lo, hi, total, n in zip(labels + ["all"], edges[:-1] + [edges[0]],
-                                           edges[1:] + [edges[-1]],
-                                           sums[method] + [sum(sums[method])],
-                                           counts[method] + [sum(counts[method])]):
-            nll = total / n if n else None
+    for method, total in totals.items():
+        m_slots = None if method == "full" else args.num_slots
+        for label, lo, hi, loss_sum, n in zip(labels + ["all"], edges[:-1] + [edges[0]], edges[1:] + [edges[-1]],
+                                              total.sums + [sum(total.sums)], total.counts + [sum(total.counts)]):
+            nll = loss_sum / n if n else None
             rows.append({"method": method, "num_slots": m_slots, "bucket": label, "start": lo,
                          "end": hi, "tokens": n, "nll": None if nll is None else round(nll, 5),
                          "ppl": None if nll is None else round(math.exp(nll), 4)})
-        tokens = sum(counts[method])
-        method_rows.append({"method": method, "num_slots": m_slots, "chunk_size": chunk_size,
-                            "beta": beta, "peak_kv_bytes": peaks[method][0],
-                            "peak_entries_per_layer": peaks[method][1],
-                            "tokens": tokens, "seconds": round(seconds[method], 2),
-                            "tokens_per_second": round(tokens / max(seconds[method], 1e-9), 1)})
+        tokens = sum(total.counts)
+        method_rows.append({"method": method, "num_slots": m_slots, "chunk_size": args.chunk_size,
+                            "beta": args.beta, "peak_kv_bytes": total.peak_bytes,
+                            "peak_entries_per_layer": total.peak_entries,
+                            "tokens": tokens, "seconds": round(total.seconds, 2),
+                            "tokens_per_second": round(tokens / max(total.seconds, 1e-9), 1)})
     output = Path(args.output)
-    write_results(output, rows, method_rows, labels, num_slots)
+    write_results(output, rows, method_rows, labels, args.num_slots)
     (output / "eval_meta.json").write_text(json.dumps({
-        "args": {k: v for k, v in vars(args).items() if k != "func"},
-        "documents": [name for name, _ in docs], "model": str(model_path),
-        "device": str(device), "lococo": lococo.__version__, "torch": torch.__version__,
-        "transformers": transformers.__version__}, indent=1, default=str) + "\n")
+        "args": {k: v for k, v in vars(args).items() if k not in ("func", "validate")},
+        "documents": [name for name, _ in ev.docs], "left_out_documents": ev.left_out,
+        "model": str(ev.model_path), "device": str(ev.device), "lococo": lococo.__version__,
+        "torch": torch.__version__, "transformers": transformers.__version__}, indent=1, default=str) + "\n")
     print((output / "results.md").read_text(), end="")
     print(f"results in {output}/")
+
+
+def main(args) -> int:
+    """`lococo eval`, with arguments that ``validate`` has checked and completed."""
+    ev = set_up(args)
+    report(args, ev, run_methods(args, ev))
     return 0

@@ -1,7 +1,7 @@
 """`python -m lococo.recipes.showcase`: the fuse_kv op on SmolLM2-shaped inputs, against the reference.
 
 Streams random keys and values of a 3-KV-head, d = 64 layer through a 128-slot cache that
-compresses whenever it holds more than M + beta entries (SPEC section 3), with the compiled
+compresses whenever it holds more than M + beta entries (docs/design.md#compression-trigger), with the compiled
 kernel and with the PyTorch reference side by side, and prints agreement, time and memory.
 """
 
@@ -12,8 +12,9 @@ import time
 
 import torch
 
-from ..ops import library as _library, reference
 from ..compressor import LayerCompressor
+from ..ops import library as _library, reference
+from .argtypes import int_at_least, positive_int
 
 
 def stream(compress, layer, tokens: int, slots: int, beta: int, heads: int, d: int, seed: int):
@@ -43,8 +44,8 @@ def stream(compress, layer, tokens: int, slots: int, beta: int, heads: int, d: i
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lococo.recipes.showcase", description=__doc__)
-    parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--slots", type=int, default=128)
+    parser.add_argument("--tokens", type=positive_int, default=2048)
+    parser.add_argument("--slots", type=int_at_least(2), default=128, help="M (half of them fused)")
     args = parser.parse_args(argv)
     heads, d, beta = 3, 64, 16
     torch.manual_seed(0)
@@ -60,8 +61,8 @@ def main(argv=None) -> None:
     for name, fn in kernels.items():
         keys, calls, seconds, peak = stream(fn, layer, args.tokens, args.slots, beta, heads, d, seed=1)
         finals[name] = keys
-        print(f"  {name:18} {calls} compressions, {1e3 * seconds / calls:7.3f} ms each, "
-              f"at most {peak} entries stored per head")
+        each = f"{1e3 * seconds / calls:7.3f} ms each" if calls else "none: the stream never exceeded M + beta"
+        print(f"  {name:18} {calls} compressions, {each}, at most {peak} entries stored per head")
     full_bytes = 2 * args.tokens * heads * d * 4
     fixed_bytes = 2 * (args.slots + beta + 1) * heads * d * 4
     print(f"  KV memory of this layer: full cache {full_bytes / 1024:.0f} KiB, "

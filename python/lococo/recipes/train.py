@@ -1,4 +1,4 @@
-"""Train LoCoCo compressors on a frozen causal LM (the original recipe, SPEC section 6).
+"""Train LoCoCo compressors on a frozen causal LM (the original recipe, docs/design.md#the-original-recipe).
 
 Sequences of chunk_size * chunks_per_seq tokens are cut from the training documents and run
 chunk by chunk through the compressing cache. Each chunk has its own loss and its own
@@ -17,6 +17,12 @@ Writes into --output: the compressor (`save_pretrained`), `model/` when LLM weig
 trained (LoRA merged), `log.jsonl` and `log.csv` (loss, learning rates, per-layer alpha),
 `loss.png`, `train_args.json`, and `checkpoints/step-N/` (trainable weights, optimizer,
 scheduler, data position, RNG) from which a run started with the same --output resumes.
+
+One run per folder (see ``lococo.recipes.run_folder``): a resume with other arguments that
+matter is refused, naming them, unless --resume-with-changes; --no-resume into a folder that
+holds a run, and a new run over a compressor no run wrote, need --overwrite. Checkpoints load
+with torch.load(weights_only=True): a run folder runs no code. Every number is checked before
+the model loads.
 """
 
 from __future__ import annotations
@@ -24,15 +30,30 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import random
 import re
-import shutil
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from . import run_folder
+from .argtypes import (
+    UsageError,
+    add_assets_dir,
+    check_writable,
+    finite_real,
+    fraction,
+    int_at_least,
+    non_negative_int,
+    odd_int,
+    positive_int,
+    positive_real,
+)
+
 DEFAULT_LR = {"compressor": 5e-2, "embed_norm": 2.5e-4, "lora": 5e-5}
-CHECKPOINT_RE = re.compile(r"step-(\d+)$")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,51 +61,78 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--output", required=True, help="output folder (also resumes from it)")
     data.add_argument("--model", default=None,
                       help="a from_pretrained folder (default: the fetched SmolLM2-135M)")
-    data.add_argument("--cache", default=None, help="asset cache folder")
+    add_assets_dir(data)
     data.add_argument("--docs", nargs="+", metavar="FILE",
                       help="train on these plain-text files instead of the split's train documents")
     data.add_argument("--split-file", default=None, help="a splits.json (default: the packaged one)")
-    data.add_argument("--max-docs", type=int, default=None, help="use only the first N documents")
+    data.add_argument("--max-docs", type=positive_int, default=None, help="use only the first N documents")
     data.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                       help="dtype of the frozen LLM")
 
-    lococo = parser.add_argument_group("compressor (SPEC section 1)")
-    lococo.add_argument("--num-slots", "-M", type=int, default=128, help="M")
-    lococo.add_argument("--chunk-size", "-B", type=int, default=128, help="B")
-    lococo.add_argument("--rho", type=float, default=0.5)
-    lococo.add_argument("--beta", type=int, default=16)
-    lococo.add_argument("--kernel-size", type=int, default=21)
-    lococo.add_argument("--num-local", type=int, default=0)
-    lococo.add_argument("--alpha-init", type=float, default=0.5)
-    lococo.add_argument("--init-std", type=float, default=1.0)
+    lococo = parser.add_argument_group("compressor (the LoCoCo hyper-parameters)")
+    lococo.add_argument("--num-slots", "-M", type=positive_int, default=128, help="M")
+    lococo.add_argument("--chunk-size", "-B", type=positive_int, default=128, help="B")
+    lococo.add_argument("--rho", type=fraction, default=0.5, help="fraction of fused slots, in [0, 1]")
+    lococo.add_argument("--beta", type=non_negative_int, default=16)
+    lococo.add_argument("--kernel-size", type=odd_int(), default=21)
+    lococo.add_argument("--num-local", type=non_negative_int, default=0)
+    lococo.add_argument("--alpha-init", type=finite_real, default=0.5)
+    lococo.add_argument("--init-std", type=positive_real, default=1.0)
 
     opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--chunks-per-seq", "-P", type=int, default=32,
+    opt.add_argument("--chunks-per-seq", "-P", type=positive_int, default=32,
                      help="P: sequences are B * P tokens")
-    opt.add_argument("--steps", type=int, default=200, help="optimizer updates")
-    opt.add_argument("--batch-size", type=int, default=1,
+    opt.add_argument("--steps", type=positive_int, default=200, help="optimizer updates")
+    opt.add_argument("--batch-size", type=positive_int, default=1,
                      help="sequences per forward and process (the original code used 1)")
-    opt.add_argument("--grad-accum", type=int, default=1,
+    opt.add_argument("--grad-accum", type=positive_int, default=1,
                      help="forwards per update and process; an update takes batch_size * "
                           "grad_accum * processes sequences")
-    opt.add_argument("--lr", type=float, default=DEFAULT_LR["compressor"], help="conv and alpha")
+    opt.add_argument("--lr", type=positive_real, default=DEFAULT_LR["compressor"], help="conv and alpha")
     opt.add_argument("--train-embed-norm", action="store_true",
                      help="also train the embeddings and the norms")
-    opt.add_argument("--lr-embed-norm", type=float, default=DEFAULT_LR["embed_norm"])
+    opt.add_argument("--lr-embed-norm", type=positive_real, default=DEFAULT_LR["embed_norm"])
     opt.add_argument("--lora", action="store_true", help="also train LoRA r=8 on q/k/v/o")
-    opt.add_argument("--lora-rank", type=int, default=8)
-    opt.add_argument("--lr-lora", type=float, default=DEFAULT_LR["lora"])
-    opt.add_argument("--rope-scaling", type=float, default=None, metavar="FACTOR",
+    opt.add_argument("--lora-rank", type=positive_int, default=8)
+    opt.add_argument("--lr-lora", type=positive_real, default=DEFAULT_LR["lora"])
+    opt.add_argument("--rope-scaling", type=positive_real, default=None, metavar="FACTOR",
                      help="linear RoPE scaling factor (context extension)")
-    opt.add_argument("--max-grad-norm", type=float, default=None,
+    opt.add_argument("--max-grad-norm", type=positive_real, default=None,
                      help="clip the gradient norm (the original recipe does not)")
-    opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument("--seed", type=int_at_least(0, 2**32 - 1), default=0)
 
-    out = parser.add_argument_group("logging and checkpoints")
-    out.add_argument("--save-every", type=int, default=50, help="checkpoint every N updates")
-    out.add_argument("--keep-checkpoints", type=int, default=2)
-    out.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
+    out = parser.add_argument_group("logging and checkpoints (one run per --output folder)")
+    out.add_argument("--save-every", type=positive_int, default=50, help="checkpoint every N updates")
+    out.add_argument("--keep-checkpoints", type=non_negative_int, default=2,
+                     help="keep the newest N checkpoints (0: all)")
+    out.add_argument("--no-resume", action="store_true",
+                     help="start a new run; refused when --output holds one, unless --overwrite")
+    out.add_argument("--resume-with-changes", action="store_true",
+                     help="resume although arguments that matter differ from the checkpoint's; the new "
+                          "values apply from the next update")
+    out.add_argument("--overwrite", action="store_true",
+                     help="with --no-resume: delete the run in --output first; also allows replacing a "
+                          "compressor that no run in --output wrote")
     out.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+
+
+def validate(args) -> None:
+    """The checks that involve several arguments, before anything is loaded."""
+    try:
+        lococo_config(args)
+    except ValueError as exc:  # the config names its fields; say them as the flags that set them
+        message = str(exc).replace("LoCoCoConfig: ", "")
+        raise UsageError(re.sub(r"\b(num_slots|rho|beta|kernel_size|num_local|alpha_init|init_std|chunk_size)\b",
+                                lambda m: "--" + m.group(1).replace("_", "-"), message)) from None
+    if (args.chunks_per_seq - 1) * args.chunk_size <= args.num_slots + args.beta:
+        raise UsageError(f"sequences of {args.chunks_per_seq} chunks of {args.chunk_size} tokens never "
+                         f"overflow M + beta = {args.num_slots + args.beta} before their last chunk; raise "
+                         "--chunks-per-seq")
+    for path in args.docs or []:
+        if not Path(path).is_file():
+            raise UsageError(f"--docs {path}: no such file")
+    if args.split_file is not None and not Path(args.split_file).is_file():
+        raise UsageError(f"--split-file {args.split_file}: no such file")
 
 
 # ----------------------------------------------------------------------------------------
@@ -128,7 +176,12 @@ class TokenWindows:
 
 
 def training_documents(args, tokenizer) -> tuple[list[tuple[str, int]], object]:
-    """(document, token count) pairs and a function that reads a document's text."""
+    """(document, token count) pairs and a function that reads a document's text.
+
+    Every document of the split is looked up before training starts: one missing from the
+    fetched packages (or changed since the split was made) is left out with a warning, so that
+    no run stops half way, or again at the same place when it resumes.
+    """
     from . import assets
 
     if args.docs:
@@ -138,9 +191,18 @@ def training_documents(args, tokenizer) -> tuple[list[tuple[str, int]], object]:
                 for path, text in texts.items()]
         return docs[:args.max_docs], texts.__getitem__
     split = assets.load_split(args.split_file)
-    docs = [(doc.id, doc.tokens) for doc in split.train][:args.max_docs]
-    assets.document_path(docs[0][0], args.cache)  # a clear error now if the text is missing
-    return docs, lambda doc_id: assets.read_document(doc_id, args.cache)
+    wanted = list(split.train[:args.max_docs])
+    problems = assets.check_documents(wanted, args.assets_dir)
+    usable = [doc for doc in wanted if doc.id not in problems]
+    if not usable:
+        raise assets.AssetMissingError("The training text", assets.cache_dir(args.assets_dir), "train-text")
+    if problems:
+        listed = "; ".join(f"{doc_id} ({why})" for doc_id, why in list(problems.items())[:3])
+        print(f"lococo train: warning: {len(problems)} of the {len(wanted)} training documents are left out, "
+              f"they are not as the split recorded them in the fetched text: {listed}"
+              + (" ..." if len(problems) > 3 else ""), file=sys.stderr, flush=True)
+    return ([(doc.id, doc.tokens) for doc in usable],
+            lambda doc_id: assets.read_document(doc_id, args.assets_dir))
 
 
 # ----------------------------------------------------------------------------------------
@@ -154,7 +216,7 @@ def load_llm(args):
 
     from . import assets
 
-    path = args.model or assets.model_dir(args.cache)
+    path = args.model or assets.model_dir(args.assets_dir)
     config = AutoConfig.from_pretrained(path)
     if args.rope_scaling:
         rope = dict(getattr(config, "rope_parameters", None) or {})
@@ -175,6 +237,11 @@ def lococo_config(args):
                         kernel_size=args.kernel_size, num_local=args.num_local,
                         alpha_init=args.alpha_init, init_std=args.init_std,
                         chunk_size=args.chunk_size)
+
+
+def group_lr(args, name: str) -> float:
+    """The learning rate the arguments give a parameter group."""
+    return {"compressor": args.lr, "embed_norm": args.lr_embed_norm, "lora": args.lr_lora}[name]
 
 
 def param_groups(model, compressor, args) -> list[dict]:
@@ -287,51 +354,8 @@ def load_trainable_state(model, compressor, state: dict) -> None:
                 own[key[len("model."):]].copy_(value)
 
 
-def latest_checkpoint(output: Path) -> Path | None:
-    found = [(int(m.group(1)), p) for p in (output / "checkpoints").glob("step-*")
-             if (m := CHECKPOINT_RE.search(p.name)) and (p / "state.pt").is_file()]
-    return max(found)[1] if found else None
-
-
-def save_checkpoint(output: Path, step: int, sequences: int, model, compressor, optimizer,
-                    scheduler, keep: int) -> Path:
-    import torch
-
-    folder = output / "checkpoints" / f"step-{step}"
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save({"step": step, "sequences": sequences,
-                "trainable": trainable_state(model, compressor),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
-                        else None}},
-               tmp / "state.pt")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)  # a checkpoint exists only once it is complete
-    olds = sorted((int(m.group(1)), p) for p in folder.parent.glob("step-*")
-                  if (m := CHECKPOINT_RE.search(p.name)))
-    for _, old in olds[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return folder
-
-
-# ----------------------------------------------------------------------------------------
-# Logs and plot
-# ----------------------------------------------------------------------------------------
-
-def truncate_log(output: Path, step: int) -> None:
-    """After a resume, drop log rows written after the checkpoint."""
-    path = output / "log.jsonl"
-    if path.exists():
-        rows = [line for line in path.read_text().splitlines()
-                if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(row + "\n" for row in rows))
-
-
 def write_csv_and_plot(output: Path) -> None:
-    rows = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines() if line]
+    rows = run_folder.read_log(output)
     if not rows:
         return
     num_layers = len(rows[0]["alpha"])
@@ -364,138 +388,220 @@ def write_csv_and_plot(output: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------
-# The loop
+# Set-up, the loop and the report
 # ----------------------------------------------------------------------------------------
 
-def main(args) -> int:
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights stopped being finite; nothing non-finite is saved."""
+
+
+@dataclass
+class Session:
+    """Everything the loop needs, built by ``set_up``."""
+
+    args: argparse.Namespace
+    plan: run_folder.RunPlan
+    accelerator: object
+    model: object
+    tokenizer: object
+    compressor: object
+    groups: list[dict]
+    module: object
+    inner: object
+    optimizer: object
+    scheduler: object
+    windows: TokenWindows
+    num_documents: int
+    step: int = 0
+    sequences: int = 0
+
+    @property
+    def output(self) -> Path:
+        return self.plan.output
+
+
+def schedule(step: int, steps: int) -> float:
+    """Linear decay to 0 at ``steps``, no warm-up."""
+    return max(0.0, 1.0 - step / steps)
+
+
+def apply_learning_rates(optimizer, scheduler, base_lrs: list[float], step: int, steps: int) -> None:
+    """Puts the learning rates of this run's arguments at update ``step`` into a restored optimizer.
+
+    A restored optimizer carries the learning rates of the run that saved it; with the same
+    arguments this writes the same values, with a new --lr or --steps (``--resume-with-changes``)
+    the new ones, so that no update runs at a stale rate.
+    """
+    for group, base in zip(optimizer.param_groups, base_lrs):
+        group["initial_lr"] = base
+        group["lr"] = base * schedule(step, steps)
+    scheduler.base_lrs = list(base_lrs)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def set_up(args) -> Session:
+    """Checks the run folder, then builds the session and (when resuming) restores the checkpoint."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
-    from ..compressor import LoCoCoCompressor
-    from ..hf.patching import apply_lococo, remove_lococo
-
-    output = Path(args.output)
     # Several backward calls per sequence, and the first chunks of a sequence do not reach the
     # compressor (nothing to compress yet): DDP must accept parameters without gradients.
-    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(
-        find_unused_parameters=True)])
+    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    plan = run_folder.open_run(args, accelerator.num_processes)
+    if accelerator.is_main_process:
+        check_writable(plan.output, "--output")
     set_seed(args.seed)
+    session = build_session(args, plan, accelerator)
+    if plan.state is not None:
+        restore_checkpoint(session)
+    accelerator.wait_for_everyone()  # every process has read the folder before the main one changes it
+    if accelerator.is_main_process:
+        run_folder.prepare_folder(plan, {
+            **{k: v for k, v in vars(args).items() if k not in ("func", "validate")},
+            "lococo_config": session.compressor.config.to_dict(), "world_size": accelerator.num_processes,
+            "train_windows": len(session.windows), "train_documents": session.num_documents})
+    accelerator.wait_for_everyone()
+    return session
+
+
+def build_session(args, plan: run_folder.RunPlan, accelerator) -> Session:
+    """The LLM with its compressor and trainable groups, the training windows and the optimizer."""
+    import torch
+
+    from ..compressor import LoCoCoCompressor
+    from ..hf.patching import apply_lococo
 
     model, tokenizer = load_llm(args)
-    config = lococo_config(args)
     if args.lora:
         model = add_lora(model, args.lora_rank)
-    compressor = LoCoCoCompressor.for_model(model, config)
+    compressor = LoCoCoCompressor.for_model(model, lococo_config(args))
     compressor.requires_grad_(True)
     apply_lococo(model, compressor)
     groups = param_groups(model, compressor, args)
-
-    seq_len = args.chunk_size * args.chunks_per_seq
-    if (args.chunks_per_seq - 1) * args.chunk_size <= args.num_slots + args.beta:
-        raise SystemExit(f"lococo train: sequences of {args.chunks_per_seq} chunks of "
-                         f"{args.chunk_size} tokens never overflow M + beta = "
-                         f"{args.num_slots + args.beta} before their last chunk; raise "
-                         "--chunks-per-seq")
     docs, read = training_documents(args, tokenizer)
-    windows = TokenWindows(docs, read, tokenizer, seq_len, args.seed)
-
+    windows = TokenWindows(docs, read, tokenizer, args.chunk_size * args.chunks_per_seq, args.seed)
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: max(0.0, 1.0 - step / args.steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step, args.steps))
     module, optimizer = accelerator.prepare(make_train_module(model, compressor), optimizer)
-    inner = accelerator.unwrap_model(module)
+    return Session(args, plan, accelerator, model, tokenizer, compressor, groups, module,
+                   accelerator.unwrap_model(module), optimizer, scheduler, windows, len(docs))
 
-    step, sequences = 0, 0
-    ckpt = None if args.no_resume else latest_checkpoint(output)
-    if ckpt is not None:
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
-        load_trainable_state(model, compressor, state["trainable"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        random.setstate(state["rng"]["python"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        step, sequences = state["step"], state["sequences"]
-        accelerator.print(f"resuming from {ckpt} (update {step})")
-    if accelerator.is_main_process:
-        output.mkdir(parents=True, exist_ok=True)
-        if ckpt is None:
-            (output / "log.jsonl").unlink(missing_ok=True)
-        truncate_log(output, step)
-        (output / "train_args.json").write_text(json.dumps(
-            {**{k: v for k, v in vars(args).items() if k != "func"},
-             "lococo_config": config.to_dict(), "world_size": accelerator.num_processes,
-             "train_windows": len(windows), "train_documents": len(docs)},
-            indent=1, default=str) + "\n")
 
+def restore_checkpoint(session: Session) -> None:
+    """Weights, optimizer, scheduler, RNG and data position of the checkpoint ``open_run`` chose."""
+    plan = session.plan
+    load_trainable_state(session.model, session.compressor, plan.state["trainable"])
+    session.optimizer.load_state_dict(plan.state["optimizer"])
+    session.scheduler.load_state_dict(plan.state["scheduler"])
+    run_folder.restore_rng(plan.state)
+    session.step, session.sequences = plan.step, plan.sequences
+    base_lrs = [group_lr(session.args, group["name"]) for group in session.optimizer.param_groups]
+    apply_learning_rates(session.optimizer, session.scheduler, base_lrs, session.step, session.args.steps)
+    changed = f" with {', '.join(plan.changes)} changed" if plan.changes else ""
+    session.accelerator.print(f"resuming from {plan.checkpoint} (update {session.step}){changed}")
+    plan.state = None  # the weights are in the model now: do not hold a second copy
+
+
+def train_update(session: Session) -> dict:
+    """One optimizer update over batch_size * grad_accum sequences per process; its log row."""
+    import torch
+
+    args, accelerator, module = session.args, session.accelerator, session.module
     world, rank = accelerator.num_processes, accelerator.process_index
-    chunks = args.chunks_per_seq
-    bar = tqdm(total=args.steps, initial=step, unit="update", desc="lococo train",
-               disable=args.no_progress or not accelerator.is_local_main_process)
-    module.train()
-    while step < args.steps:
-        started = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        losses: list[float] = []
-        for micro in range(args.grad_accum):
-            first = sequences + (micro * world + rank) * args.batch_size
-            ids = torch.stack([windows[first + i] for i in range(args.batch_size)])
-            ids = ids.to(accelerator.device)
-            last_micro = micro == args.grad_accum - 1
+    started = time.perf_counter()
+    session.optimizer.zero_grad(set_to_none=True)
+    losses: list[float] = []
+    for micro in range(args.grad_accum):
+        first = session.sequences + (micro * world + rank) * args.batch_size
+        ids = torch.stack([session.windows[first + i] for i in range(args.batch_size)])
+        ids = ids.to(accelerator.device)
+        last_micro = micro == args.grad_accum - 1
 
-            def backward(loss, last_chunk, last_micro=last_micro):
-                # Gradients are averaged across processes once per update, on the last chunk.
-                scaled = loss / (args.grad_accum * chunks)
-                if last_chunk and last_micro:
+        def backward(loss, last_chunk, last_micro=last_micro):
+            # Gradients are averaged across processes once per update, on the last chunk.
+            scaled = loss / (args.grad_accum * args.chunks_per_seq)
+            if last_chunk and last_micro:
+                accelerator.backward(scaled)
+            else:
+                with accelerator.no_sync(module):
                     accelerator.backward(scaled)
-                else:
-                    with accelerator.no_sync(module):
-                        accelerator.backward(scaled)
 
-            losses += sequence_losses(module, inner, ids, args.chunk_size, backward)
-        grad_norm = None
-        if args.max_grad_norm:
-            grad_norm = float(accelerator.clip_grad_norm_(
-                [p for g in groups for p in g["params"]], args.max_grad_norm))
-        used_lr = {g["name"]: g["lr"] for g in optimizer.param_groups}
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        sequences += args.batch_size * args.grad_accum * world
-        loss = float(accelerator.reduce(
-            torch.tensor(sum(losses) / len(losses), device=accelerator.device), "mean"))
+        losses += sequence_losses(module, session.inner, ids, args.chunk_size, backward)
+    grad_norm = None
+    if args.max_grad_norm:
+        grad_norm = float(accelerator.clip_grad_norm_(
+            [p for g in session.groups for p in g["params"]], args.max_grad_norm))
+    used_lr = {g["name"]: g["lr"] for g in session.optimizer.param_groups}
+    session.optimizer.step()
+    session.scheduler.step()
+    session.step += 1
+    session.sequences += args.batch_size * args.grad_accum * world
+    loss = float(accelerator.reduce(torch.tensor(sum(losses) / len(losses), device=accelerator.device), "mean"))
+    trainable = [p for g in session.groups for p in g["params"]]
+    if not math.isfinite(loss) or not all(bool(torch.isfinite(p).all()) for p in trainable):
+        saved = run_folder.checkpoints(session.output)
+        raise TrainingDiverged(
+            f"update {session.step} made the loss or the weights non-finite (loss {loss}); nothing was saved "
+            f"for it{f', the last checkpoint is {saved[0][1]}' if saved else ''}. Lower --lr or set --max-grad-norm")
+    return {"step": session.step, "sequences": session.sequences,
+            "tokens": session.sequences * args.chunk_size * args.chunks_per_seq,
+            "loss": round(loss, 5), "grad_norm": grad_norm, "lr": used_lr,
+            "alpha": [round(float(layer.alpha.detach()), 5) for layer in session.compressor.layers],
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+def run_updates(session: Session) -> None:
+    """Updates until --steps, logging every one and checkpointing every --save-every."""
+    from tqdm.auto import tqdm
+
+    args, accelerator = session.args, session.accelerator
+    bar = tqdm(total=args.steps, initial=min(session.step, args.steps), unit="update", desc="lococo train",
+               disable=args.no_progress or not accelerator.is_local_main_process)
+    session.module.train()
+    while session.step < args.steps:
+        row = train_update(session)
         if accelerator.is_main_process:
-            row = {"step": step, "sequences": sequences, "tokens": sequences * seq_len,
-                   "loss": round(loss, 5), "grad_norm": grad_norm,
-                   "lr": used_lr,
-                   "alpha": [round(float(layer.alpha.detach()), 5) for layer in compressor.layers],
-                   "seconds": round(time.perf_counter() - started, 3)}
-            with open(output / "log.jsonl", "a") as handle:
+            with open(session.output / run_folder.LOG_FILE, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
-        bar.set_postfix(loss=f"{loss:.3f}")
+        bar.set_postfix(loss=f"{row['loss']:.3f}")
         bar.update(1)
-        if step % args.save_every == 0 or step == args.steps:
+        if session.step % args.save_every == 0 or session.step == args.steps:
             if accelerator.is_main_process:
-                save_checkpoint(output, step, sequences, model, compressor, optimizer,
-                                scheduler, args.keep_checkpoints)
-                write_csv_and_plot(output)
+                run_folder.save_checkpoint(session.output, session.step, session.sequences, session.plan.run_args,
+                                           trainable_state(session.model, session.compressor), session.optimizer,
+                                           session.scheduler, args.keep_checkpoints)
+                write_csv_and_plot(session.output)
             accelerator.wait_for_everyone()
     bar.close()
 
+
+def write_outputs(session: Session) -> None:
+    """The compressor, the merged LLM when its weights were trained, the CSV log and the plot."""
+    from ..hf.patching import remove_lococo
+
+    args, accelerator = session.args, session.accelerator
     if accelerator.is_main_process:
-        compressor.save_pretrained(output)
+        session.compressor.save_pretrained(session.output)
         if args.lora or args.train_embed_norm:
-            remove_lococo(model)
+            remove_lococo(session.model)
             if args.lora:
-                merge_lora(model)
-            model.save_pretrained(output / "model")
-            tokenizer.save_pretrained(output / "model")
-        write_csv_and_plot(output)
-        accelerator.print(f"compressor saved to {output}")
+                merge_lora(session.model)
+            session.model.save_pretrained(session.output / "model")
+            session.tokenizer.save_pretrained(session.output / "model")
+        write_csv_and_plot(session.output)
+        accelerator.print(f"compressor saved to {session.output}")
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+
+
+def main(args) -> int:
+    session = set_up(args)
+    try:
+        run_updates(session)
+    except TrainingDiverged as exc:
+        print(f"lococo train: error: {exc}", file=sys.stderr)
+        session.accelerator.end_training()
+        return 1
+    write_outputs(session)
+    session.accelerator.end_training()
     return 0

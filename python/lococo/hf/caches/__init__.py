@@ -11,14 +11,14 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from ...compressor import LoCoCoCompressor, ModelGeometry
 from .baselines import H2OCache, StreamingLLMCache
-from .fixed_slot import FixedSlotCache, FixedSlotLayer, LoCoCoCache, LoCoCoLayer
+from .fixed_slot import FixedSlotCache, FixedSlotLayer, LoCoCoCache, LoCoCoLayer, kv_bytes
 
 if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedConfig
 
 __all__ = ["CACHE_KINDS", "FixedSlotCache", "FixedSlotLayer", "H2OCache", "LoCoCoCache", "LoCoCoLayer",
-           "StreamingLLMCache", "build_cache"]
+           "StreamingLLMCache", "build_cache", "kv_bytes"]
 
 
 CACHE_KINDS = ("lococo", "h2o", "streaming", "full")

@@ -26,7 +26,23 @@ from .. import attention
 from ...compressor import LayerCompressor, LoCoCoCompressor
 from ...config import LoCoCoConfig
 
-__all__ = ["FixedSlotCache", "FixedSlotLayer", "LoCoCoCache", "LoCoCoLayer"]
+__all__ = ["FixedSlotCache", "FixedSlotLayer", "LoCoCoCache", "LoCoCoLayer", "kv_bytes"]
+
+
+def _tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def layer_kv_bytes(layer) -> int:
+    """Bytes of the keys and values stored by one layer of a transformers cache of any kind."""
+    if not getattr(layer, "is_initialized", True):
+        return 0
+    return _tensor_bytes(getattr(layer, "keys", None), getattr(layer, "values", None))
+
+
+def kv_bytes(cache) -> int:
+    """Bytes of the keys and values stored by every layer of a transformers cache of any kind."""
+    return sum(layer_kv_bytes(layer) for layer in cache.layers)
 
 
 class FixedSlotLayer(DynamicLayer):
@@ -163,9 +179,9 @@ class FixedSlotLayer(DynamicLayer):
             self.keys, self.values = self.keys.detach(), self.values.detach()
 
     def nbytes(self) -> int:
-        """Bytes held by this layer: stored keys and values, scores, row counters."""
-        tensors = (self.keys, self.values, self.scores, self.valid_len) if self.is_initialized else ()
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        """Bytes held by this layer: stored keys and values (``layer_kv_bytes``), scores, row counters."""
+        bookkeeping = _tensor_bytes(self.scores, self.valid_len) if self.is_initialized else 0
+        return layer_kv_bytes(self) + bookkeeping
 
 
 class FixedSlotCache(Cache):
@@ -193,6 +209,10 @@ class FixedSlotCache(Cache):
             self._new_valid = (query_length, valid)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if not 0 <= layer_idx < len(self.layers):
+            raise ValueError(f"{type(self).__name__} has {len(self.layers)} layers (it was built for a "
+                             f"{len(self.layers)}-layer model) but was asked to store layer {layer_idx}: the model "
+                             "has more decoder layers; build the cache for this model")
         new_valid = None
         if self._new_valid is not None and self._new_valid[0] == key_states.shape[-2]:
             new_valid = self._new_valid[1]
@@ -207,7 +227,7 @@ class FixedSlotCache(Cache):
             layer.detach_()
 
     def nbytes(self) -> int:
-        """Bytes held by all layers."""
+        """Bytes held by all layers: stored keys and values (``kv_bytes``), scores and row counters."""
         return sum(layer.nbytes() for layer in self.layers)
 
     @property
@@ -224,12 +244,19 @@ class LoCoCoLayer(FixedSlotLayer):
 
     def __init__(self, compressor: LayerCompressor, config: LoCoCoConfig, needs_scores: bool = True):
         super().__init__(config.num_slots, config.beta)
-        if compressor.num_fused != config.fused_slots:
+        if compressor.num_fused != config.num_fused:
             raise ValueError(f"the layer compressor fuses {compressor.num_fused} slots, the config "
-                             f"{config.fused_slots}")
+                             f"{config.num_fused}")
         self.compressor = compressor
-        self.num_heavy, self.num_local = config.heavy_slots, config.num_local
+        self.num_heavy, self.num_local = config.num_heavy, config.num_local
         self.needs_scores = needs_scores
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if key_states.shape[-1] != self.compressor.head_dim or value_states.shape[-1] != self.compressor.head_dim:
+            raise ValueError(f"the model's keys and values have head_dim {key_states.shape[-1]} and "
+                             f"{value_states.shape[-1]}, this layer's compressor was built for head_dim "
+                             f"{self.compressor.head_dim}: build the compressor for this model")
+        super().lazy_initialization(key_states, value_states)
 
     def compress(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.needs_scores:
