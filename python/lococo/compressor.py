@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import LoCoCoConfig
+from .config import ADDED_FIELDS, LoCoCoConfig
 from .ops import fuse_kv
 
 __all__ = ["LayerCompressor", "LoCoCoCompressor", "ModelGeometry", "read_compressor_config"]
@@ -29,7 +29,7 @@ class LayerCompressor(nn.Module):
 
     def __init__(self, head_dim: int, num_fused: int, kernel_size: int = 21,
                  init_std: float = 1.0, alpha_init: float = 0.5, bias: bool = True,
-                 device=None, dtype=None):
+                 slot_bias: bool = False, device=None, dtype=None):
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
@@ -41,6 +41,8 @@ class LayerCompressor(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_fused, 2 * head_dim, kernel_size, **factory))
         self.bias = nn.Parameter(torch.empty(num_fused, **factory)) if bias else None
         self.alpha = nn.Parameter(torch.full((), float(alpha_init), **factory))
+        # the attention logit of each fused slot (LoCoCoConfig.slot_bias); not an input of fuse_kv
+        self.slot_logit = nn.Parameter(torch.zeros(num_fused, **factory)) if slot_bias else None
         self.reset_parameters(alpha_init)
 
     def reset_parameters(self, alpha_init: float = 0.5) -> None:
@@ -48,6 +50,8 @@ class LayerCompressor(nn.Module):
             self.weight.normal_(0.0, self.init_std)
             if self.bias is not None:
                 self.bias.zero_()
+            if self.slot_logit is not None:
+                self.slot_logit.zero_()
             self.alpha.fill_(alpha_init)
 
     def forward(self, mem_k, mem_v, new_k, new_v, scores, num_heavy: int, num_local: int = 0,
@@ -63,8 +67,8 @@ class LayerCompressor(nn.Module):
                        self.alpha.to(**cast), num_heavy, num_local, valid_len)
 
     def extra_repr(self) -> str:
-        return (f"head_dim={self.head_dim}, num_fused={self.num_fused}, "
-                f"kernel_size={self.kernel_size}, bias={self.bias is not None}")
+        return (f"head_dim={self.head_dim}, num_fused={self.num_fused}, kernel_size={self.kernel_size}, "
+                f"bias={self.bias is not None}, slot_bias={self.slot_logit is not None}")
 
 
 @dataclass(frozen=True)
@@ -150,7 +154,7 @@ def read_compressor_config(path: str | Path) -> tuple[LoCoCoConfig, ModelGeometr
     for key in ("config", "model"):
         if not isinstance(meta.get(key), dict):
             raise ValueError(f"{file}: field {key} is missing or not a JSON object")
-    missing = [name for name in LoCoCoConfig.field_names() if name not in meta["config"]]
+    missing = [name for name in LoCoCoConfig.field_names() if name not in meta["config"] and name not in ADDED_FIELDS]
     if missing:
         raise ValueError(f"{file}: field{'s' if len(missing) > 1 else ''} "
                          f"{', '.join('config.' + name for name in missing)} missing")
@@ -179,7 +183,7 @@ class LoCoCoCompressor(nn.Module):
         self.geometry = geometry
         self.layers = nn.ModuleList(
             LayerCompressor(geometry.head_dim, config.num_fused, config.kernel_size, config.init_std,
-                            config.alpha_init, device=device, dtype=dtype)
+                            config.alpha_init, slot_bias=config.slot_bias, device=device, dtype=dtype)
             for _ in range(geometry.num_layers))
 
     @classmethod

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 __all__ = ["LoCoCoConfig"]
 
 _DEFAULT_RHO = 0.5
+# Fields added after the first release of format 1, with the value that gives the behaviour of configs
+# saved before them; every other field must be present in a saved config.
+ADDED_FIELDS = {"slot_bias": False}
 
 
 def _fail(message: str) -> None:
@@ -41,6 +44,10 @@ class LoCoCoConfig:
         alpha_init: initial value of the learned blend scalar alpha (not clamped).
         init_std: standard deviation of the convolution weights at initialisation.
         chunk_size: B, the chunk length for chunked prefill, training and evaluation.
+        slot_bias: a learned attention logit per fused slot, added to the attention of every query to
+            that slot while it is stored (an extension of the paper; off by default). A fused slot stands
+            for many entries but attention weighs it as one key: the logit lets training give it the
+            share of attention its entries drew.
 
     ``num_heavy`` (H) and ``num_fused`` (C) are read as properties; ``rho`` is what is stored.
     """
@@ -53,13 +60,15 @@ class LoCoCoConfig:
     alpha_init: float = 0.5
     init_std: float = 1.0
     chunk_size: int = 128
+    slot_bias: bool = False
 
     def __init__(self, num_slots: int = 128, rho: float = _DEFAULT_RHO, num_heavy: int | None = None,
                  beta: int = 16, kernel_size: int = 21, num_local: int = 0, alpha_init: float = 0.5,
-                 init_std: float = 1.0, chunk_size: int = 128):
+                 init_std: float = 1.0, chunk_size: int = 128, slot_bias: bool = False):
         for name, value in (("num_slots", num_slots), ("beta", beta), ("kernel_size", kernel_size),
                             ("num_local", num_local), ("chunk_size", chunk_size)):
             _need(_is_int(value), f"{name} must be an int, got {value!r}")
+        _need(isinstance(slot_bias, bool), f"slot_bias must be true or false, got {slot_bias!r}")
         for name, value in (("rho", rho), ("alpha_init", alpha_init), ("init_std", init_std)):
             _need(isinstance(value, (int, float)) and not isinstance(value, bool),
                   f"{name} must be a number, got {value!r}")
@@ -74,7 +83,7 @@ class LoCoCoConfig:
             rho = (num_slots - num_heavy) / num_slots
         for name, value in (("num_slots", num_slots), ("rho", float(rho)), ("beta", beta),
                             ("kernel_size", kernel_size), ("num_local", num_local), ("alpha_init", alpha_init),
-                            ("init_std", init_std), ("chunk_size", chunk_size)):
+                            ("init_std", init_std), ("chunk_size", chunk_size), ("slot_bias", slot_bias)):
             object.__setattr__(self, name, value)
         self._validate()
 
@@ -117,7 +126,7 @@ class LoCoCoConfig:
 
     @classmethod
     def field_names(cls) -> list[str]:
-        """The fields ``to_dict`` writes (and a saved config must hold)."""
+        """The fields ``to_dict`` writes (a saved config must hold all but ``ADDED_FIELDS``)."""
         return [f.name for f in dataclasses.fields(cls)]
 
     def to_dict(self) -> dict:

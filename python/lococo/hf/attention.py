@@ -13,6 +13,9 @@ left padding, contribute nothing). Only the latest call counts.
 
 The cache layer announces itself in ``update`` (``expect_scores``) and the attention function
 claims it by the identity of the key tensor, so nothing is wrapped and no global table is touched.
+A layer that carries attention logits for its stored entries (``logit_bias``: a LoCoCo cache whose
+compressor learned a logit per fused slot) gets its attention from ``biased_attention`` instead of the
+backend's kernel.
 """
 
 from __future__ import annotations
@@ -29,17 +32,22 @@ SCORE_BLOCK_ELEMENTS = 1 << 24
 _handoff = threading.local()
 
 
-def expect_scores(layer, keys: torch.Tensor) -> None:
-    """Called by a cache layer's ``update``: the next attention over ``keys`` owes it scores."""
-    _handoff.pending = (layer, keys)
+def expect_scores(layer, keys: torch.Tensor, scores: bool = True) -> None:
+    """Called by a cache layer's ``update``: the next attention over ``keys`` is this layer's.
+
+    It owes the layer scores when ``scores``, and adds the layer's ``logit_bias`` (when not None) to
+    the attention logits of the stored entries.
+    """
+    _handoff.pending = (layer, keys, scores)
 
 
 def _claim(keys: torch.Tensor):
+    """(layer, wants scores) announced for these keys, or (None, False)."""
     pending = getattr(_handoff, "pending", None)
     if pending is not None and pending[1] is keys:
         _handoff.pending = None
-        return pending[0]
-    return None
+        return pending[0], pending[2]
+    return None, False
 
 
 def _allowed_keys(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, device) -> torch.Tensor | None:
@@ -99,10 +107,55 @@ def attention_scores(query: torch.Tensor, key: torch.Tensor, attention_mask: tor
     return scores
 
 
-def _record(key: torch.Tensor, make_scores) -> None:
-    layer = _claim(key)
-    if layer is not None:
-        layer.record_scores(make_scores())
+def biased_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, logit_bias: torch.Tensor, dropout: float = 0.0,
+                     scaling: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention with an additive logit per stored entry: (output [b, q, heads, d], probs, scores).
+
+    ``logit_bias`` [b, kv_heads, stored] covers the first ``stored`` keys (the new ones get 0). Eager
+    arithmetic (float32 softmax, masked logits filled, queries that see no key give zeros), so that a
+    NaN or padded entry never leaks through an additive mask. ``scores`` are those of ``attention_scores``
+    for the biased probabilities.
+    """
+    b, num_heads, q_len, d = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    groups = num_heads // kv_heads
+    scaling = d ** -0.5 if scaling is None else scaling
+    bias = torch.nn.functional.pad(logit_bias.float(), (0, kv_len - logit_bias.shape[-1]))
+    grouped_q = query.reshape(b, kv_heads, groups * q_len, d)
+    logits = torch.matmul(grouped_q, key.transpose(-1, -2)).float().mul_(scaling)
+    logits = (logits + bias.unsqueeze(2)).view(b, kv_heads, groups, q_len, kv_len)
+    allowed = _allowed_keys(attention_mask, q_len, kv_len, query.device)
+    if allowed is not None:
+        if allowed.shape[1] == 1:
+            allowed = allowed.unsqueeze(1)
+        else:
+            allowed = allowed.reshape(allowed.shape[0], kv_heads, groups, q_len, kv_len)
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if allowed is not None:
+        probs = probs.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
+    scores = probs.detach().sum(dim=(2, 3))
+    weights = torch.nn.functional.dropout(probs, p=dropout, training=module.training).to(value.dtype)
+    output = torch.matmul(weights, value.unsqueeze(2))                       # [b, kv, groups, q, d]
+    output = output.reshape(b, num_heads, q_len, d).transpose(1, 2).contiguous()
+    return output, probs.reshape(b, num_heads, q_len, kv_len), scores
+
+
+def _with_layer(module, query, key, value, attention_mask, dropout, scaling, plain, plain_scores):
+    """The attention of a call: biased when the layer that gave ``key`` has logits, else ``plain``."""
+    layer, wants_scores = _claim(key)
+    logit_bias = None if layer is None else getattr(layer, "logit_bias", None)
+    if logit_bias is not None:
+        output, weights, scores = biased_attention(module, query, key, value, attention_mask, logit_bias,
+                                                   dropout, scaling)
+        if wants_scores:
+            layer.record_scores(scores)
+        return output, weights
+    output, weights = plain()
+    if wants_scores:
+        layer.record_scores(plain_scores())
+    return output, weights
 
 
 def lococo_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -110,10 +163,11 @@ def lococo_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     """transformers' SDPA attention, plus the scores for the fixed-slot cache layer that gave ``key``."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    output, weights = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                             scaling=scaling, **kwargs)
-    _record(key, lambda: attention_scores(query, key, attention_mask, scaling))
-    return output, weights
+    return _with_layer(
+        module, query, key, value, attention_mask, dropout, scaling,
+        lambda: sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                       scaling=scaling, **kwargs),
+        lambda: attention_scores(query, key, attention_mask, scaling))
 
 
 def lococo_eager_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -121,28 +175,28 @@ def lococo_eager_attention(module, query, key, value, attention_mask, dropout: f
     """transformers' eager attention (same operations, same result), scores taken from its probabilities."""
     from transformers.integrations.sdpa_attention import repeat_kv
 
-    groups = query.shape[1] // key.shape[1]
     kv_len = key.shape[2]
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    key_states = repeat_kv(key, groups)
-    value_states = repeat_kv(value, groups)
-    logits = torch.matmul(query, key_states.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        logits = logits + attention_mask
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    state = {}
+
+    def plain():
+        groups = query.shape[1] // key.shape[1]
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        logits = torch.matmul(query, repeat_kv(key, groups).transpose(2, 3)) * scale
+        if attention_mask is not None:
+            logits = logits + attention_mask
+        probs = state["probs"] = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights = torch.nn.functional.dropout(probs.to(query.dtype), p=dropout, training=module.training)
+        return torch.matmul(weights, repeat_kv(value, groups)).transpose(1, 2).contiguous(), weights
 
     def scores_from_probs():
-        p = probs.detach()
+        p = state["probs"].detach()
         if attention_mask is not None:
             live = _allowed_keys(attention_mask, query.shape[2], kv_len, query.device).any(-1, keepdim=True)
             p = p.masked_fill(~live, 0.0)
         b, num_heads, q_len, _ = p.shape
         return p.reshape(b, key.shape[1], num_heads // key.shape[1] * q_len, kv_len).sum(2)
 
-    _record(key, scores_from_probs)
-    weights = torch.nn.functional.dropout(probs.to(query.dtype), p=dropout, training=module.training)
-    output = torch.matmul(weights, value_states).transpose(1, 2).contiguous()
-    return output, weights
+    return _with_layer(module, query, key, value, attention_mask, dropout, scaling, plain, scores_from_probs)
 
 
 # backend the model used -> scored implementation registered for it

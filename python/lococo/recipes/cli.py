@@ -80,12 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--min-tokens", type=positive_int, default=4096, help="shortest document kept")
     split.set_defaults(func=_assets_split)
 
-    from . import demo, evaluate, train
+    from . import demo, distill, evaluate, train
     train_parser = commands.add_parser("train", help="train the compressors on a frozen LLM",
                                        description=train.__doc__,
                                        formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_arguments(train_parser)
     train_parser.set_defaults(func=train.main, validate=train.validate)
+    distill_parser = commands.add_parser("distill", help="train the compressors layer by layer against the full "
+                                         "cache's attention output (cheaper than `train`)",
+                                         description=distill.__doc__,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    distill.add_arguments(distill_parser)
+    distill_parser.set_defaults(func=distill.main, validate=distill.validate)
     eval_parser = commands.add_parser("eval", help="perplexity by position: full cache, LoCoCo, "
                                       "H2O, StreamingLLM", description=evaluate.__doc__,
                                       formatter_class=argparse.RawDescriptionHelpFormatter)

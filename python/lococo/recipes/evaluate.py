@@ -7,9 +7,12 @@ in the range: 0-1K, 1K-2K, 2K-4K, 4K-8K by default. Peak KV memory is the larges
 stored keys and values of all layers reach between chunks (the slots plus the entries appended
 since the last compression; the full cache grows with the text).
 
-Writes into --output: ppl_by_position.csv (one row per method and bucket, plus "all"),
-methods.csv (memory, speed), results.md (the table), ppl_by_position.png and eval_meta.json
-(the arguments, documents and versions).
+Writes into --output: ppl_by_position.csv (one row per method and bucket, plus "all", with a 95%
+bootstrap interval over the documents), per_document.csv, methods.csv (memory, speed), results.md
+(the tables), ppl_by_position.png and eval_meta.json (the arguments, documents and versions).
+
+``--task passkey`` runs the retrieval task of ``lococo.recipes.passkey`` instead, with the same
+methods, M and B.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .argtypes import (
@@ -35,6 +38,7 @@ from .argtypes import (
     non_negative_int,
     positive_int,
 )
+from . import passkey
 
 METHODS = ("full", "lococo", "h2o", "streaming")
 METHOD_LABELS = {"full": "full cache", "lococo": "LoCoCo", "h2o": "H2O",
@@ -70,6 +74,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--output", default="lococo-eval", help="output folder")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    parser.add_argument("--task", default="ppl", choices=["ppl", "passkey"],
+                        help="ppl: perplexity by position on documents; passkey: retrieval of a number hidden in "
+                             "filler text (see --lengths, --depths, --trials)")
+    parser.add_argument("--bootstrap", type=non_negative_int, default=1000,
+                        help="resamples of the documents for the 95%% intervals (0: none)")
+    passkey.add_arguments(parser.add_argument_group("passkey task"))
 
 
 def validate(args) -> None:
@@ -91,7 +101,9 @@ def validate(args) -> None:
             raise UsageError(f"--num-slots {args.num_slots} differs from the compressor's M = {config.num_slots}")
     fill_defaults(args, config)
     check_baselines(args)
-    if args.buckets[0] >= args.max_tokens:
+    if args.task == "passkey":
+        passkey.validate(args)
+    elif args.buckets[0] >= args.max_tokens:
         raise UsageError(f"--buckets start at {args.buckets[0]}, at or after the end of the range "
                          f"(--max-tokens {args.max_tokens}): no token would be counted")
     for path in args.docs or []:
@@ -266,6 +278,14 @@ def write_results(output: Path, rows: list[dict], methods_rows: list[dict],
                  else "-" for b in labels + ["all"]]
         lines.append(f"| {METHOD_LABELS[m['method']]} | {m['num_slots'] or 'all'} | "
                      + " | ".join(cells) + f" | {m['peak_kv_bytes'] / 2**20:.2f} |")
+    if any(r["ppl_low"] is not None for r in rows):
+        bounds = {(r["method"], r["bucket"]): (r["ppl_low"], r["ppl_high"]) for r in rows}
+        lines += ["", "95% bootstrap interval of the perplexity, resampling the documents:", "",
+                  "| method | " + " | ".join(labels) + " | all |", "|---|" + "---:|" * (len(labels) + 1)]
+        for m in methods_rows:
+            cells = [f"{lo:.2f}-{hi:.2f}" if (lo, hi) != (None, None) else "-"
+                     for lo, hi in (bounds.get((m["method"], b), (None, None)) for b in labels + ["all"])]
+            lines.append(f"| {METHOD_LABELS[m['method']]} | " + " | ".join(cells) + " |")
     (output / "results.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
@@ -287,6 +307,47 @@ def write_results(output: Path, rows: list[dict], methods_rows: list[dict],
     plt.close(fig)
 
 
+def bootstrap_intervals(per_document: list[tuple[list[float], list[int]]], resamples: int,
+                        seed: int) -> list[tuple[float | None, float | None]]:
+    """95% percentile intervals of each bucket's perplexity (and of "all", last) over document resamples.
+
+    A resample draws as many documents as there are, with replacement, and pools their tokens, as the
+    point estimate does; (None, None) without resamples or with fewer than two documents.
+    """
+    import random
+
+    buckets = len(per_document[0][0]) if per_document else 0
+    if resamples < 1 or len(per_document) < 2:
+        return [(None, None)] * (buckets + 1)
+    rng = random.Random(seed)
+    draws: list[list[float]] = [[] for _ in range(buckets + 1)]
+    for _ in range(resamples):
+        chosen = [per_document[rng.randrange(len(per_document))] for _ in per_document]
+        for b in range(buckets + 1):
+            loss = sum(sum(s) if b == buckets else s[b] for s, _ in chosen)
+            count = sum(sum(c) if b == buckets else c[b] for _, c in chosen)
+            if count:
+                draws[b].append(math.exp(loss / count))
+    out = []
+    for values in draws:
+        values.sort()
+        if not values:
+            out.append((None, None))
+            continue
+        out.append((round(values[int(0.025 * (len(values) - 1))], 4), round(values[int(0.975 * (len(values) - 1))], 4)))
+    return out
+
+
+def write_per_document(output: Path, totals: dict, docs: list[tuple[str, str]], labels: list[str]) -> None:
+    """per_document.csv: every document's perplexity per bucket and method."""
+    with open(output / "per_document.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["document", "method", *labels])
+        for method, total in totals.items():
+            for (name, _), (sums, counts) in zip(docs, total.per_document):
+                writer.writerow([name, method] + [round(math.exp(s / n), 4) if n else "" for s, n in zip(sums, counts)])
+
+
 # ----------------------------------------------------------------------------------------
 # Set-up, the runs and the report
 # ----------------------------------------------------------------------------------------
@@ -296,6 +357,7 @@ class Evaluation:
     """The model, the compressor and the tokenized documents, built by ``set_up``."""
 
     model: object
+    tokenizer: object
     model_path: object
     device: object
     compressor: object
@@ -310,6 +372,7 @@ class Totals:
 
     sums: list[float]
     counts: list[int]
+    per_document: list[tuple[list[float], list[int]]] = field(default_factory=list)
     peak_bytes: int = 0
     peak_entries: int = 0
     seconds: float = 0.0
@@ -327,7 +390,7 @@ def set_up(args) -> Evaluation:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_path = args.model or assets.model_dir(args.assets_dir)
-    docs, left_out = select_documents(args)
+    docs, left_out = select_documents(args) if args.task == "ppl" else ([], [])
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, args.dtype))
     model.to(device).eval()
@@ -343,7 +406,7 @@ def set_up(args) -> Evaluation:
         if len(ids) < 2:
             raise UsageError(f"{name} has fewer than 2 tokens from --start-token {args.start_token} on")
         token_ids.append(torch.tensor([ids], device=device))
-    return Evaluation(model, model_path, device, compressor, docs, token_ids, left_out)
+    return Evaluation(model, tokenizer, model_path, device, compressor, docs, token_ids, left_out)
 
 
 def run_methods(args, ev: Evaluation) -> dict[str, Totals]:
@@ -366,6 +429,7 @@ def run_methods(args, ev: Evaluation) -> dict[str, Totals]:
             total.peak_bytes = max(total.peak_bytes, peak_bytes)
             total.peak_entries = max(total.peak_entries, peak_entries)
             sums, counts = bin_losses(losses, args.buckets)
+            total.per_document.append((sums, counts))
             total.sums = [a + b for a, b in zip(total.sums, sums)]
             total.counts = [a + b for a, b in zip(total.counts, counts)]
             bar.set_postfix(doc=Path(name).name[:24], method=method)
@@ -386,12 +450,15 @@ def report(args, ev: Evaluation, totals: dict[str, Totals]) -> None:
     rows, method_rows = [], []
     for method, total in totals.items():
         m_slots = None if method == "full" else args.num_slots
-        for label, lo, hi, loss_sum, n in zip(labels + ["all"], edges[:-1] + [edges[0]], edges[1:] + [edges[-1]],
-                                              total.sums + [sum(total.sums)], total.counts + [sum(total.counts)]):
+        intervals = bootstrap_intervals(total.per_document, args.bootstrap, seed=0)
+        for label, lo, hi, loss_sum, n, (ppl_low, ppl_high) in zip(
+                labels + ["all"], edges[:-1] + [edges[0]], edges[1:] + [edges[-1]],
+                total.sums + [sum(total.sums)], total.counts + [sum(total.counts)], intervals):
             nll = loss_sum / n if n else None
             rows.append({"method": method, "num_slots": m_slots, "bucket": label, "start": lo,
                          "end": hi, "tokens": n, "nll": None if nll is None else round(nll, 5),
-                         "ppl": None if nll is None else round(math.exp(nll), 4)})
+                         "ppl": None if nll is None else round(math.exp(nll), 4),
+                         "ppl_low": ppl_low, "ppl_high": ppl_high})
         tokens = sum(total.counts)
         method_rows.append({"method": method, "num_slots": m_slots, "chunk_size": args.chunk_size,
                             "beta": args.beta, "peak_kv_bytes": total.peak_bytes,
@@ -400,6 +467,7 @@ def report(args, ev: Evaluation, totals: dict[str, Totals]) -> None:
                             "tokens_per_second": round(tokens / max(total.seconds, 1e-9), 1)})
     output = Path(args.output)
     write_results(output, rows, method_rows, labels, args.num_slots)
+    write_per_document(output, totals, ev.docs, labels)
     (output / "eval_meta.json").write_text(json.dumps({
         "args": {k: v for k, v in vars(args).items() if k not in ("func", "validate")},
         "documents": [name for name, _ in ev.docs], "left_out_documents": ev.left_out,
@@ -412,5 +480,8 @@ def report(args, ev: Evaluation, totals: dict[str, Totals]) -> None:
 def main(args) -> int:
     """`lococo eval`, with arguments that ``validate`` has checked and completed."""
     ev = set_up(args)
+    if args.task == "passkey":
+        passkey.main(args, ev)
+        return 0
     report(args, ev, run_methods(args, ev))
     return 0

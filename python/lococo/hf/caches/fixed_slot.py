@@ -61,12 +61,21 @@ class FixedSlotLayer(DynamicLayer):
         self.cumulative_length = 0        # tokens seen
         self.valid_len: torch.Tensor | None = None   # int64 [b]: valid entries at the end of each row
         self.scores: torch.Tensor | None = None      # float32 [b, kv_heads, stored], latest call only
+        # float32 [b, kv_heads, stored]: an attention logit per stored entry, or None for none at all
+        self.logit_bias: torch.Tensor | None = None
         self.num_compressions = 0
 
     # --- what subclasses implement -------------------------------------------------------------
     def compress(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [b, h, M, d] from the stored entries, valid rows right-aligned."""
         raise NotImplementedError
+
+    def slot_logits(self, fused_rows: torch.Tensor) -> torch.Tensor | None:
+        """The attention logits [b, h, M] of the slots ``compress`` just made, or None for no logits.
+
+        ``fused_rows`` [b] bool: the rows that had at least M valid entries (the others kept theirs).
+        """
+        return None
 
     # --- bookkeeping ---------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -94,19 +103,24 @@ class FixedSlotLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self._will_compress():
+            fused_rows = self.valid_len >= self.num_slots
             self.keys, self.values = self.compress()
+            self.logit_bias = self.slot_logits(fused_rows)
             self.valid_len = self.valid_len.clamp(max=self.num_slots)
             self.num_compressions += 1
         self.scores = None
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
+        if self.logit_bias is not None:  # new entries: no logit
+            self.logit_bias = torch.nn.functional.pad(self.logit_bias, (0, key_states.shape[-2]))
         added = key_states.shape[-2] if new_valid is None else new_valid
         self.valid_len = (self.valid_len + added).clamp(max=self.keys.shape[-2])
         self.cumulative_length += key_states.shape[-2]
-        if self.needs_scores and self._will_compress():
-            # only the call before a compression needs scores (they are never accumulated): in
-            # decoding that is one step in beta + 1, and the others skip the extra attention pass
-            attention.expect_scores(self, self.keys)
+        # only the call before a compression needs scores (they are never accumulated): in decoding
+        # that is one step in beta + 1, and the others skip the extra attention pass
+        wants_scores = self.needs_scores and self._will_compress()
+        if wants_scores or self.logit_bias is not None:
+            attention.expect_scores(self, self.keys, scores=wants_scores)
         return self.keys, self.values
 
     def record_scores(self, scores: torch.Tensor) -> None:
@@ -155,6 +169,7 @@ class FixedSlotLayer(DynamicLayer):
         self.cumulative_length = 0
         self.valid_len = None
         self.scores = None
+        self.logit_bias = None
         self.num_compressions = 0
 
     def _map_rows(self, fn) -> None:
@@ -163,6 +178,8 @@ class FixedSlotLayer(DynamicLayer):
         self.keys, self.values, self.valid_len = fn(self.keys), fn(self.values), fn(self.valid_len)
         if self.scores is not None:
             self.scores = fn(self.scores)
+        if self.logit_bias is not None:
+            self.logit_bias = fn(self.logit_bias)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -177,10 +194,12 @@ class FixedSlotLayer(DynamicLayer):
         """Cuts the autograd history of the stored entries (truncated backprop between chunks)."""
         if self.is_initialized:
             self.keys, self.values = self.keys.detach(), self.values.detach()
+        if self.logit_bias is not None:
+            self.logit_bias = self.logit_bias.detach()
 
     def nbytes(self) -> int:
-        """Bytes held by this layer: stored keys and values (``layer_kv_bytes``), scores, row counters."""
-        bookkeeping = _tensor_bytes(self.scores, self.valid_len) if self.is_initialized else 0
+        """Bytes held by this layer: stored keys and values (``layer_kv_bytes``), scores, row counters, slot logits."""
+        bookkeeping = _tensor_bytes(self.scores, self.valid_len, self.logit_bias) if self.is_initialized else 0
         return layer_kv_bytes(self) + bookkeeping
 
 
@@ -266,6 +285,16 @@ class LoCoCoLayer(FixedSlotLayer):
         empty_k, empty_v = self.keys[:, :, :0], self.values[:, :, :0]
         return self.compressor(self.keys, self.values, empty_k, empty_v, scores, self.num_heavy,
                                self.num_local, self.valid_len)
+
+    def slot_logits(self, fused_rows: torch.Tensor) -> torch.Tensor | None:
+        """The compressor's logit on each fused slot of a fused row; 0 on heavy hitters and kept rows."""
+        learned = getattr(self.compressor, "slot_logit", None)
+        if learned is None:
+            return None
+        b, h = self.keys.shape[:2]
+        logits = learned.to(device=self.device, dtype=torch.float32)
+        fused = fused_rows.view(b, 1, 1).to(logits.dtype) * logits.view(1, 1, -1)
+        return torch.cat([fused.new_zeros(b, 1, self.num_heavy), fused], dim=-1).expand(b, h, -1)
 
 
 class LoCoCoCache(FixedSlotCache):

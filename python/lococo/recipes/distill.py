@@ -1,0 +1,410 @@
+"""Layer-local training of LoCoCo compressors: each layer's attention output against the full cache's.
+
+Backprop through the whole LLM for every chunk of every sequence is what makes the original recipe
+expensive. Here the frozen LLM runs once per batch of sequences, with the full cache, and records for
+every layer the queries and keys (after RoPE), the values and the attention output. Each layer then
+replays the LoCoCo cache on its own recorded keys and values, chunk by chunk exactly as the cache
+does at inference (compress when more than M + beta entries are stored, with the scores of the
+previous chunk's attention; append; attend), and its compressor is trained so that every chunk's
+attention output, through the layer's frozen output projection, matches the full cache's:
+
+    loss(layer, chunk) = || (O_lococo - O_full) W_o^T ||^2 / || O_full W_o^T ||^2
+
+A layer's loss reaches only its own compressor, so the layers train one after the other, each with
+its own optimizer updates, and no gradient touches the LLM. The cache is detached after every chunk
+(one-chunk truncated backprop, as in the original recipe), so each chunk trains the compression that
+built the slots it attends to. Sequences as long as the evaluation horizon (8K tokens) make the
+compressor learn to re-fuse its own slots hundreds of times, instead of extrapolating beyond the
+training length.
+
+alpha is projected onto [0, 1] after every update (``--alpha-range clamp``, the default): outside
+it the blend extrapolates beyond the one-hot pick and the softmax mix, and re-fusing such slots
+again and again diverges. ``--alpha-range free`` keeps the original, unclamped alpha.
+
+Every ``--compare-every`` sequences the same recurrence also runs with alpha = 0 (the top-M
+selection of H2O with the same trigger and scores) on the same sequence, and the log records both
+errors: the learned compressor's error relative to H2O's is the quantity this training lowers.
+
+Writes into --output: the compressor (``save_pretrained``), ``train_args.json``, ``log.jsonl``,
+``log.csv``, ``loss.png`` and ``checkpoint/`` (compressor, optimizer, sequences done) from which a
+run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+DEFAULT_LR = 1e-2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .argtypes import add_assets_dir, fraction, non_negative_int, odd_int, positive_int, positive_real
+
+    data = parser.add_argument_group("model and data")
+    data.add_argument("--output", required=True, help="output folder (also resumes from it)")
+    data.add_argument("--model", default=None, help="a from_pretrained folder (default: the fetched SmolLM2-135M)")
+    add_assets_dir(data)
+    data.add_argument("--docs", nargs="+", metavar="FILE",
+                      help="train on these plain-text files instead of the split's train documents")
+    data.add_argument("--split-file", default=None, help="a splits.json (default: the packaged one)")
+    data.add_argument("--max-docs", type=positive_int, default=None, help="use only the first N documents")
+    data.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                      help="dtype of the frozen LLM's forward (the replay runs in float32)")
+    lococo = parser.add_argument_group("compressor (ignored when resuming or with --init-from)")
+    lococo.add_argument("--num-slots", "-M", type=int_at_least_2, default=128, help="M")
+    lococo.add_argument("--chunk-size", "-B", type=positive_int, default=128, help="B")
+    lococo.add_argument("--rho", type=fraction, default=0.5)
+    lococo.add_argument("--beta", type=non_negative_int, default=16)
+    lococo.add_argument("--kernel-size", type=odd_int(1), default=21)
+    lococo.add_argument("--num-local", type=non_negative_int, default=0)
+    lococo.add_argument("--alpha-init", type=fraction, default=0.0,
+                        help="initial alpha (0: start from H2O's selection and let training blend in the mix)")
+    lococo.add_argument("--init-std", type=positive_real, default=0.05)
+    lococo.add_argument("--no-slot-bias", dest="slot_bias", action="store_false",
+                        help="no learned attention logit per fused slot (the paper's semantics)")
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--init-from", default=None, metavar="FOLDER",
+                     help="start from this compressor (same geometry) instead of a fresh one")
+    opt.add_argument("--seq-len", type=positive_int, default=8192, help="tokens per training sequence")
+    opt.add_argument("--sequences", type=positive_int, default=128, help="training sequences in all")
+    opt.add_argument("--batch-size", type=positive_int, default=1, help="sequences per teacher forward")
+    opt.add_argument("--update-every", type=positive_int, default=4,
+                     help="compressed chunks per optimizer update of a layer")
+    opt.add_argument("--lr", type=positive_real, default=DEFAULT_LR, help="peak learning rate")
+    opt.add_argument("--warmup", type=fraction, default=0.05, help="fraction of the run with a linear warm-up")
+    opt.add_argument("--alpha-range", choices=["clamp", "free"], default="clamp",
+                     help="clamp: alpha projected onto [0, 1] after every update; free: the original")
+    opt.add_argument("--max-grad-norm", type=positive_real, default=1.0, help="per-layer gradient clipping")
+    opt.add_argument("--seed", type=non_negative_int, default=0)
+    out = parser.add_argument_group("logging and checkpoints")
+    out.add_argument("--compare-every", type=non_negative_int, default=4,
+                     help="every N sequences, also measure H2O's error on the same sequence (0: never)")
+    out.add_argument("--save-every", type=positive_int, default=4, help="checkpoint every N sequences")
+    out.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+
+
+def int_at_least_2(text: str) -> int:
+    from .argtypes import int_at_least
+
+    return int_at_least(2)(text)
+
+
+def validate(args) -> None:
+    """Checks across arguments, before the model loads."""
+    from pathlib import Path
+
+    from ..config import LoCoCoConfig
+    from .argtypes import UsageError, check_writable
+
+    if args.init_from is None:
+        try:
+            LoCoCoConfig(num_slots=args.num_slots, rho=args.rho, beta=args.beta, kernel_size=args.kernel_size,
+                         num_local=args.num_local, alpha_init=args.alpha_init, init_std=args.init_std,
+                         chunk_size=args.chunk_size, slot_bias=args.slot_bias)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        if args.seq_len <= args.num_slots + args.beta + args.chunk_size:
+            raise UsageError(f"--seq-len {args.seq_len} never compresses: it must exceed M + beta + B = "
+                             f"{args.num_slots + args.beta + args.chunk_size}")
+    for path in args.docs or []:
+        if not Path(path).is_file():
+            raise UsageError(f"--docs {path}: no such file")
+    check_writable(Path(args.output), "--output")
+
+
+# ----------------------------------------------------------------------------------------
+# The teacher: one full-cache forward records every layer's q, k, v and attention output
+# ----------------------------------------------------------------------------------------
+
+CAPTURE = "lococo_capture"
+_records: dict[int, tuple] = {}
+
+
+def _capture_attention(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    output, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    _records[module.layer_idx] = (query, key, value, output)
+    return output, weights
+
+
+def register_capture() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(CAPTURE, _capture_attention)
+    AttentionMaskInterface.register(CAPTURE, sdpa_mask)
+
+
+def teacher_records(model, ids):
+    """{layer: (q [b, heads, T, d], k [b, kv, T, d], v, out [b, T, heads, d])} of a full-cache forward."""
+    import torch
+
+    _records.clear()
+    with torch.no_grad():
+        model.model(input_ids=ids, use_cache=False)
+    records = dict(_records)
+    _records.clear()
+    return records
+
+
+# ----------------------------------------------------------------------------------------
+# One layer's LoCoCo recurrence on the teacher's tensors
+# ----------------------------------------------------------------------------------------
+
+def chunk_mask(stored: int, new: int, device):
+    """[1, 1, new, stored + new] bool: every stored entry visible, the new ones causal."""
+    import torch
+
+    i = torch.arange(new, device=device).unsqueeze(-1)
+    j = torch.arange(stored + new, device=device)
+    return ((j < stored) | (j - stored <= i)).view(1, 1, new, stored + new)
+
+
+def replay_layer(layer_compressor, config, record, attention_module, *, alpha: float | None = None,
+                 step_every: int = 0, on_update=None) -> tuple[float, int]:
+    """The LoCoCo cache of one layer over a recorded sequence, chunk by chunk, as at inference.
+
+    The cache layer is ``LoCoCoLayer`` itself and the attention is ``biased_attention`` (which the
+    scored attention functions use too), so that training sees exactly what generation will. Returns
+    (sum over compressed chunks of the relative output error, number of such chunks). With
+    ``step_every`` > 0 the loss is back-propagated after every chunk and ``on_update()`` is called
+    every ``step_every`` compressed chunks (and once at the end). ``alpha`` replaces the layer's blend
+    and drops its slot logits (alpha = 0 is H2O's top-M selection with the same trigger and scores).
+    """
+    import torch
+
+    from ..hf.attention import biased_attention
+    from ..hf.caches import LoCoCoLayer
+
+    query, key, value, target = (t.float() for t in record)
+    b, heads, total, d = query.shape
+    w_o = attention_module.o_proj.weight.float()
+    target = target.reshape(b, total, heads * d)
+
+    layer = LoCoCoLayer(layer_compressor if alpha is None else _FixedAlpha(layer_compressor, alpha), config)
+    error_sum, compressed_chunks, pending = 0.0, 0, 0
+    train = step_every > 0
+    for start in range(0, total, config.chunk_size):
+        stop = min(total, start + config.chunk_size)
+        with torch.set_grad_enabled(train and layer._will_compress()):
+            keys, values = layer.update(key[:, :, start:stop], value[:, :, start:stop])
+            mask = chunk_mask(keys.shape[2] - (stop - start), stop - start, query.device)
+            logit_bias = layer.logit_bias if layer.logit_bias is not None else keys.new_zeros(b, keys.shape[1], 0)
+            out, _, scores = biased_attention(attention_module, query[:, :, start:stop], keys, values, mask,
+                                              logit_bias, scaling=attention_module.scaling)
+            layer.record_scores(scores)
+            if layer.num_compressions:
+                reference = target[:, start:stop] @ w_o.T
+                out = out.reshape(b, stop - start, heads * d) @ w_o.T
+                error = (out - reference).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-12)
+                if train and error.requires_grad:
+                    error.backward()
+                    pending += 1
+                    if pending == step_every:
+                        on_update()
+                        pending = 0
+                error_sum += float(error.detach())
+                compressed_chunks += 1
+        layer.detach_()
+    if train and pending:
+        on_update()
+    return error_sum, compressed_chunks
+
+
+class _FixedAlpha:
+    """A layer compressor's forward with alpha replaced (no gradient): the H2O end of the blend."""
+
+    def __init__(self, compressor, alpha: float):
+        self.compressor, self.alpha = compressor, alpha
+        self.head_dim, self.num_fused = compressor.head_dim, compressor.num_fused
+
+    def __call__(self, mem_k, mem_v, new_k, new_v, scores, num_heavy, num_local=0, valid_len=None):
+        import torch
+
+        from ..ops import fuse_kv
+
+        c = self.compressor
+        cast = {"device": mem_k.device, "dtype": mem_k.dtype}
+        bias = None if c.bias is None else c.bias.detach().to(**cast)
+        alpha = torch.tensor(self.alpha, **cast)
+        return fuse_kv(mem_k, mem_v, new_k, new_v, scores, c.weight.detach().to(**cast), bias, alpha,
+                       num_heavy, num_local, valid_len)
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoint, logs
+# ----------------------------------------------------------------------------------------
+
+def save_checkpoint(output: Path, compressor, optimizers, sequences: int) -> None:
+    import shutil
+
+    import torch
+
+    folder = output / "checkpoint"
+    tmp = output / "checkpoint.tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    compressor.save_pretrained(tmp / "compressor")
+    # optimizer states hold only tensors and numbers: saved as tensors, loaded with weights_only
+    torch.save([opt.state_dict() for opt in optimizers], tmp / "optimizers.pt")
+    (tmp / "progress.json").write_text(json.dumps({"sequences": sequences}))
+    if folder.exists():
+        old = output / "checkpoint.old"
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, folder)
+
+
+def write_csv_and_plot(output: Path) -> None:
+    rows = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    with open(output / "log.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["sequences", "tokens", "error", "h2o_error", "ratio", "lr", "seconds", "alpha_mean"])
+        for r in rows:
+            writer.writerow([r["sequences"], r["tokens"], r["error"], r.get("h2o_error", ""), r.get("ratio", ""),
+                             r["lr"], r["seconds"], sum(r["alpha"]) / len(r["alpha"])])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_err, ax_alpha) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_err.plot([r["tokens"] for r in rows], [r["error"] for r in rows], lw=1, label="LoCoCo")
+    compared = [r for r in rows if "h2o_error" in r]
+    ax_err.plot([r["tokens"] for r in compared], [r["h2o_error"] for r in compared], "o-", lw=1, ms=3,
+                label="H2O (alpha = 0), same sequence")
+    ax_err.set(xlabel="training tokens", ylabel="relative attention-output error (mean over layers)",
+               title="layer-local loss")
+    ax_err.legend()
+    ax_err.grid(alpha=0.3)
+    num_layers = len(rows[0]["alpha"])
+    for layer in range(num_layers):
+        ax_alpha.plot([r["tokens"] for r in rows], [r["alpha"][layer] for r in rows], lw=0.8,
+                      color=plt.cm.viridis(layer / max(1, num_layers - 1)))
+    ax_alpha.set(xlabel="training tokens", ylabel="alpha", title="alpha per layer (dark = first layer)")
+    ax_alpha.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(output / "loss.png", dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------
+
+def lr_at(progress: float, peak: float, warmup: float) -> float:
+    """Linear warm-up over the first ``warmup`` of the run, then linear decay to 0."""
+    if warmup > 0 and progress < warmup:
+        return peak * (progress + 1e-9) / warmup
+    return peak * max(0.0, 1.0 - progress) / max(1e-9, 1.0 - warmup)
+
+
+def main(args) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..compressor import LoCoCoCompressor
+    from ..config import LoCoCoConfig
+    from .train import TokenWindows, load_llm, training_documents
+
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    args.rope_scaling = None
+    model, tokenizer = load_llm(args)
+    model.eval()
+    register_capture()
+    model.set_attn_implementation(CAPTURE)
+
+    ckpt = output / "checkpoint"
+    if ckpt.is_dir():
+        compressor = LoCoCoCompressor.from_pretrained(ckpt / "compressor", model=model, dtype=torch.float32)
+        done = json.loads((ckpt / "progress.json").read_text())["sequences"]
+    elif args.init_from:
+        compressor = LoCoCoCompressor.from_pretrained(args.init_from, model=model, dtype=torch.float32)
+        done = 0
+    else:
+        compressor = LoCoCoCompressor.for_model(model, LoCoCoConfig(
+            num_slots=args.num_slots, rho=args.rho, beta=args.beta, kernel_size=args.kernel_size,
+            num_local=args.num_local, alpha_init=args.alpha_init, init_std=args.init_std,
+            chunk_size=args.chunk_size, slot_bias=args.slot_bias))
+        done = 0
+    config = compressor.config
+    compressor.requires_grad_(True)
+    optimizers = [torch.optim.AdamW(layer.parameters(), lr=args.lr, weight_decay=0.0)
+                  for layer in compressor.layers]
+    if ckpt.is_dir():
+        for opt, state in zip(optimizers, torch.load(ckpt / "optimizers.pt", weights_only=True)):
+            opt.load_state_dict(state)
+    (output / "train_args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+
+    docs, read = training_documents(args, tokenizer)
+    windows = TokenWindows(docs, read, tokenizer, args.seq_len, args.seed)
+    decoder_layers = model.model.layers
+    log = open(output / "log.jsonl", "a")
+    bar = tqdm(total=args.sequences, initial=done, disable=args.no_progress, unit="seq")
+    while done < args.sequences:
+        batch = min(args.batch_size, args.sequences - done)
+        ids = torch.stack([windows[done + i] for i in range(batch)])
+        lr = lr_at(done / args.sequences, args.lr, args.warmup)
+        started = time.perf_counter()
+        records = teacher_records(model, ids)
+        teacher_seconds = time.perf_counter() - started
+        compare = args.compare_every > 0 and done % args.compare_every == 0
+        errors, h2o_errors = [], []
+        for index, (layer, opt) in enumerate(zip(compressor.layers, optimizers)):
+            attn = decoder_layers[index].self_attn
+            for group in opt.param_groups:
+                group["lr"] = lr
+
+            def update(layer=layer, opt=opt):
+                torch.nn.utils.clip_grad_norm_(layer.parameters(), args.max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if args.alpha_range == "clamp":
+                    with torch.no_grad():
+                        layer.alpha.clamp_(0.0, 1.0)
+
+            total, count = replay_layer(layer, config, records[index], attn, step_every=args.update_every,
+                                        on_update=update)
+            errors.append(total / max(1, count))
+            if compare:
+                with torch.no_grad():
+                    total, count = replay_layer(layer, config, records[index], attn, alpha=0.0)
+                h2o_errors.append(total / max(1, count))
+            records[index] = None
+        done += batch
+        row = {"sequences": done, "tokens": done * args.seq_len, "error": sum(errors) / len(errors),
+               "layer_error": errors, "lr": lr, "seconds": time.perf_counter() - started,
+               "teacher_seconds": teacher_seconds,
+               "alpha": [float(layer.alpha.detach()) for layer in compressor.layers]}
+        if compare:
+            row["h2o_error"] = sum(h2o_errors) / len(h2o_errors)
+            row["ratio"] = row["error"] / row["h2o_error"]
+            row["layer_h2o_error"] = h2o_errors
+        if not all(math.isfinite(e) for e in errors):
+            raise SystemExit(f"lococo distill: the loss became {row['error']} at sequence {done}; lower --lr")
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        bar.update(batch)
+        bar.set_postfix(error=f"{row['error']:.4f}", ratio=f"{row.get('ratio', float('nan')):.3f}")
+        if done % args.save_every == 0 or done >= args.sequences:
+            save_checkpoint(output, compressor, optimizers, done)
+            write_csv_and_plot(output)
+    bar.close()
+    log.close()
+    compressor.save_pretrained(output)
+    write_csv_and_plot(output)
+    print(f"lococo distill: {done} sequences of {args.seq_len} tokens; compressor in {output}")
+    return 0
