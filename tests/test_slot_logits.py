@@ -165,3 +165,12 @@ def test_save_and_load_keep_the_logits_and_old_configs_load_without_them(tmp_pat
 def test_slot_bias_must_be_a_bool():
     with pytest.raises(ValueError, match="slot_bias"):
         lococo.LoCoCoConfig(slot_bias="yes")
+
+
+def test_shipped_compressors_load_by_name():
+    names = lococo.LoCoCoCompressor.pretrained_names()
+    assert "smollm2-135m-m128" in names
+    compressor = lococo.LoCoCoCompressor.from_pretrained("smollm2-135m-m128")
+    assert compressor.geometry.num_layers == 30 and compressor.config.num_slots == 128
+    with pytest.raises(FileNotFoundError):
+        lococo.LoCoCoCompressor.from_pretrained("no-such-compressor")

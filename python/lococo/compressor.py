@@ -18,6 +18,8 @@ __all__ = ["LayerCompressor", "LoCoCoCompressor", "ModelGeometry", "read_compres
 CONFIG_FILE = "lococo_config.json"
 WEIGHTS_FILE = "lococo_compressor.safetensors"
 FORMAT_VERSION = 1
+# compressors shipped with the package, loadable by folder name: from_pretrained("smollm2-135m-m128")
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 
 
 class LayerCompressor(nn.Module):
@@ -189,7 +191,10 @@ class LoCoCoCompressor(nn.Module):
     @classmethod
     def for_model(cls, model_or_config, config: LoCoCoConfig | None = None, device=None,
                   dtype=torch.float32, **config_fields) -> LoCoCoCompressor:
-        """A freshly initialised compressor for this model (or config).
+        """A freshly initialised, untrained compressor for this model (or config): train it before use.
+
+        An untrained compressor mixes entries at random; for inference load a trained one with
+        ``from_pretrained`` (``pretrained_names()`` lists those shipped with lococo).
 
         ``config_fields`` build the ``LoCoCoConfig`` when ``config`` is not given. The device
         defaults to the model's.
@@ -234,7 +239,9 @@ class LoCoCoCompressor(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, model=None, device=None, dtype=None) -> LoCoCoCompressor:
-        """Loads a compressor saved by ``save_pretrained``.
+        """Loads a compressor saved by ``save_pretrained``, from a folder or by the name of a shipped one.
+
+        ``pretrained_names()`` lists the shipped compressors (``"smollm2-135m-m128"``, ...).
 
         With ``model`` (a model or its config), checks that the compressor fits it and raises a
         ValueError saying what differs; the device then defaults to the model's.
@@ -242,6 +249,8 @@ class LoCoCoCompressor(nn.Module):
         from safetensors.torch import load_file
 
         path = Path(path)
+        if not path.exists() and (PRETRAINED_DIR / path / CONFIG_FILE).is_file():
+            path = PRETRAINED_DIR / path
         if not (path / WEIGHTS_FILE).is_file():
             raise FileNotFoundError(f"{path} must hold {CONFIG_FILE} and {WEIGHTS_FILE} (written by save_pretrained)")
         config, geometry = read_compressor_config(path)
@@ -266,6 +275,11 @@ class LoCoCoCompressor(nn.Module):
             raise ValueError(f"{path / WEIGHTS_FILE} does not match {CONFIG_FILE}: " + "; ".join(problems))
         compressor.load_state_dict(state, assign=True)
         return compressor.to(device=device, dtype=dtype)
+
+    @staticmethod
+    def pretrained_names() -> list[str]:
+        """The compressors shipped with the package, by the name ``from_pretrained`` takes."""
+        return sorted(p.name for p in PRETRAINED_DIR.iterdir() if (p / CONFIG_FILE).is_file())
 
     def extra_repr(self) -> str:
         c = self.config

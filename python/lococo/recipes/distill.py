@@ -357,7 +357,7 @@ def main(args) -> int:
     while done < args.sequences:
         batch = min(args.batch_size, args.sequences - done)
         ids = torch.stack([windows[done + i] for i in range(batch)])
-        lr = lr_at(done / args.sequences, args.lr, args.warmup)
+        lr = lr_at((done + batch / 2) / args.sequences, args.lr, args.warmup)   # at the batch's midpoint
         started = time.perf_counter()
         records = teacher_records(model, ids)
         teacher_seconds = time.perf_counter() - started
