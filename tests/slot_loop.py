@@ -113,7 +113,7 @@ class SlotLoop:
         weight = c.weight.detach().double()
         bias = weight.new_zeros(weight.shape[0]) if c.bias is None else c.bias.detach().double()
         kept_k, kept_v = lococo_slots(keys.double(), values.double(), scores, weight, bias, float(c.alpha.detach()),
-                                      config.heavy_slots, config.num_local)
+                                      config.num_heavy, config.num_local)
         return kept_k.to(keys.dtype), kept_v.to(values.dtype)
 
     def _compress(self, layer: int) -> None:

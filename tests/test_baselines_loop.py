@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from hf_models import cache_kw, random_ids, tiny_model
 from slot_loop import SlotLoop, greedy_decode, h2o_keep, left_padded, run_chunks, streaming_keep
 
 import lococo
 from lococo.hf import get_output_cache
 from lococo.hf.caches.baselines import H2OLayer, StreamingLLMLayer
+
+from hf_models import cache_kw, random_ids, tiny_model
 
 M = 12
 LENGTHS = [70, 57, 31, 9]   # 9 < M: that row keeps every entry at each compression

@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from slot_loop import left_padded
 from transformers.cache_utils import DynamicCache
 
-from hf_models import random_ids, tiny_compressor, tiny_model
-from slot_loop import left_padded
-
 import lococo
+
+from hf_models import random_ids, tiny_compressor, tiny_model
 
 LENGTHS = [23, 17, 9, 2]   # the last row is padding for its first four chunks of 5
 T = max(LENGTHS)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from hf_models import random_ids, tiny_compressor, tiny_model
-
 import lococo
 from lococo.hf import get_output_cache
+
+from hf_models import random_ids, tiny_compressor, tiny_model
 
 
 class FedLengths:

@@ -9,10 +9,10 @@ import random
 import pytest
 import torch
 
-from hf_models import save_byte_level_model, tiny_compressor, tiny_model, transformers
-
 import lococo
 from lococo.recipes import cli, distill, passkey
+
+from hf_models import save_byte_level_model, tiny_compressor, tiny_model, transformers
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_models import save_byte_level_model, tiny_compressor, transformers
-
 import lococo
 from lococo.recipes import cli
+
+from hf_models import save_byte_level_model, tiny_compressor, transformers
 
 M, BETA, CHUNK = 16, 4, 8
 START, TOKENS = 5, 90

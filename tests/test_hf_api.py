@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
-from hf_models import cache_kw, random_ids, tiny_compressor, tiny_model, transformers
-
 import lococo
 from lococo.hf import get_output_cache
+
+from hf_models import cache_kw, random_ids, tiny_compressor, tiny_model, transformers
 
 
 @pytest.mark.parametrize("fields,message", [

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_models import tiny_compressor, tiny_model
-
 import lococo
 from lococo import reference
 from lococo.hf import attention
-from lococo.hf.caches.baselines import H2OLayer, StreamingLLMLayer
 from lococo.hf.caches import LoCoCoLayer
+from lococo.hf.caches.baselines import H2OLayer, StreamingLLMLayer
+
+from hf_models import tiny_compressor, tiny_model
 
 B, KVH, D = 3, 2, 16
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from hf_models import cache_kw, random_ids, tiny_compressor, tiny_model
 from slot_loop import SlotLoop, greedy_decode
 
 import lococo
 from lococo.hf import get_output_cache
+
+from hf_models import cache_kw, random_ids, tiny_compressor, tiny_model
 
 MODES = {
     "greedy": dict(do_sample=False),

@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_models import cache_kw, random_ids, tiny_compressor, tiny_model
-
 import lococo
 from lococo import reference
+
+from hf_models import random_ids, tiny_compressor, tiny_model
 
 apply_rotary_pos_emb = pytest.importorskip("transformers.models.llama.modeling_llama").apply_rotary_pos_emb
 

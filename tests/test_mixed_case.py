@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from hf_models import cache_kw, random_ids, tiny_compressor, tiny_model
 from slot_loop import SlotLoop, greedy_decode, left_padded, lococo_slots, run_chunks
 
 import lococo
 from lococo.hf.caches import LoCoCoLayer
+
+from hf_models import cache_kw, random_ids, tiny_compressor, tiny_model
 
 M, BETA, LOCAL = 12, 3, 2
 
@@ -36,7 +36,7 @@ def expected_slots(c, config, keys, values, scores, pad: int, bias=None):
         zeros = k.new_zeros(M - len(s), k.shape[-1])
         return torch.cat([zeros, k]), torch.cat([zeros, v])
     bias = c.bias.detach().double() if bias is None else bias
-    return lococo_slots(k, v, s, c.weight.detach().double(), bias, float(c.alpha.detach()), config.heavy_slots,
+    return lococo_slots(k, v, s, c.weight.detach().double(), bias, float(c.alpha.detach()), config.num_heavy,
                         config.num_local)
 
 
@@ -44,7 +44,7 @@ def test_layer_compression_from_first_principles():
     model = tiny_model("llama", "sdpa")
     compressor = mixed_compressor(model)
     config = compressor.config
-    assert config.heavy_slots == 6 and config.fused_slots == 6
+    assert config.num_heavy == 6 and config.num_fused == 6
     c = compressor[0]
     layer = LoCoCoLayer(c, config)
     stored, pads = 20, [0, 5, 8, 13]        # 20, 15, 12 (= M) and 7 (< M) valid entries
@@ -69,10 +69,10 @@ def test_layer_compression_from_first_principles():
             if stored - pad >= M:
                 # the bias is seen: the same slots without it differ
                 no_bias, _ = expected_slots(c, config, keys[row, head], values[row, head], scores[row, head], pad,
-                                            bias=torch.zeros(config.fused_slots, dtype=torch.float64))
+                                            bias=torch.zeros(config.num_fused, dtype=torch.float64))
                 assert not torch.allclose(no_bias, want_k, atol=1e-3)
                 others = sorted(scores[row, head, pad:stored - LOCAL].tolist(), reverse=True)
-                cut = config.heavy_slots - LOCAL
+                cut = config.num_heavy - LOCAL
                 ties_at_the_cut += others[cut - 1] == others[cut]
     assert ties_at_the_cut > 0, "the case must make tie-breaking decide which entries are heavy hitters"
 

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 pytest.importorskip("transformers")
-from transformers.masking_utils import eager_mask, sdpa_mask  # noqa: E402
+from transformers.masking_utils import eager_mask, sdpa_mask
 
-from lococo.hf import attention  # noqa: E402
+from lococo.hf import attention
 
 FUNCTIONS = {"lococo_eager": (attention.lococo_eager_attention, eager_mask),
              "lococo_sdpa": (attention.lococo_sdpa_attention, sdpa_mask)}

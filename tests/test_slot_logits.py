@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from hf_models import random_ids, tiny_compressor, tiny_model
-
 import lococo
 from lococo.hf import attention
 from lococo.hf.caches import LoCoCoLayer
+
+from hf_models import random_ids, tiny_compressor, tiny_model
 
 
 class _Module(torch.nn.Module):

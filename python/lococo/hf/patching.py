@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..compressor import LoCoCoCompressor
 from . import attention
 from .caches import FixedSlotCache, LoCoCoCache
 from .compat import cache_kwarg
-from ..compressor import LoCoCoCompressor
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "apply_lococo", "is_patched", "remove_lococo"]
 

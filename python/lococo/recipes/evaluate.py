@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import passkey
 from .argtypes import (
     UsageError,
     add_assets_dir,
@@ -38,7 +39,6 @@ from .argtypes import (
     non_negative_int,
     positive_int,
 )
-from . import passkey
 
 METHODS = ("full", "lococo", "h2o", "streaming")
 METHOD_LABELS = {"full": "full cache", "lococo": "LoCoCo", "h2o": "H2O",

@@ -12,6 +12,7 @@ Rows with fewer than M valid entries keep them all, right-aligned, as in ``fuse_
 from __future__ import annotations
 
 import torch
+
 from ...ops.reference import rank_order
 from .fixed_slot import FixedSlotCache, FixedSlotLayer
 

@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .. import attention
 from ...compressor import LayerCompressor, LoCoCoCompressor
 from ...config import LoCoCoConfig
+from .. import attention
 
 __all__ = ["FixedSlotCache", "FixedSlotLayer", "LoCoCoCache", "LoCoCoLayer", "kv_bytes"]
 
