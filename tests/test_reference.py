@@ -1,12 +1,14 @@
-"""lococo.reference against SPEC section 2, checked from first principles on small cases."""
+"""lococo.reference checked from first principles on small cases, and against a brute-force loop."""
 
+import math
+
+import pytest
 import torch
 import torch.nn.functional as F
 
 import lococo
 from lococo import reference
-
-from fuse_kv_samples import Case, make_args
+from lococo.ops.testing import SAMPLES, Case, make_args
 
 
 def cache_of(args):
@@ -94,3 +96,57 @@ def test_layer_compressor_initialisation_and_dtype_cast():
     assert k.dtype == torch.bfloat16 and k.shape == (1, 2, 40, 16)
     k.float().sum().backward()
     assert layer.weight.grad.dtype == torch.float32 and layer.alpha.grad is not None
+
+
+def brute_force_row(keys, values, scores, weight, bias, alpha, num_heavy, num_local, num_valid):
+    """One row of the algorithm written out with Python loops, independent of the reference:
+    keys/values [L, d] and scores [L] in float64; the last num_valid entries are valid."""
+    L, d = keys.shape
+    C, _, k = weight.shape
+    M = num_heavy + C
+    start = L - num_valid
+    if num_valid < M:  # kept whole, right-aligned, zeros in front
+        out_k, out_v = torch.zeros(M, d, dtype=keys.dtype), torch.zeros(M, d, dtype=keys.dtype)
+        if num_valid:
+            out_k[M - num_valid:], out_v[M - num_valid:] = keys[start:], values[start:]
+        return out_k, out_v
+    s = scores.tolist()
+
+    def rank(i):  # larger score first, NaN last, ties to the lower position
+        return (math.isnan(s[i]), 0.0 if math.isnan(s[i]) else -s[i], i)
+
+    local = list(range(L - num_local, L))
+    candidates = sorted(range(start, L - num_local), key=rank)
+    heavy = sorted(candidates[: num_heavy - num_local] + local)
+    rest = [i for i in range(start, L) if i not in heavy]
+    picks = sorted(sorted(range(len(rest)), key=lambda j: rank(rest[j]))[:C])
+    if C == 0:
+        return keys[heavy], values[heavy]
+    x = torch.cat([keys[rest], values[rest]], 1)  # [n, 2d]
+    n, pad = len(rest), (k - 1) // 2
+    z = torch.empty(C, n, dtype=torch.float64)
+    for c in range(C):
+        for i in range(n):
+            acc = 0.0 if bias is None else float(bias[c])
+            for t in range(k):
+                if 0 <= i + t - pad < n:
+                    acc += float((weight[c, :, t] * x[i + t - pad]).sum())
+            z[c, i] = max(acc, 0.0)
+    fused = alpha * torch.softmax(z, -1) @ x + (1 - alpha) * x[picks]
+    return torch.cat([keys[heavy], fused[:, :d]]), torch.cat([values[heavy], fused[:, d:]])
+
+
+@pytest.mark.parametrize("case", [c for c in SAMPLES if c.d <= 16], ids=str)
+def test_reference_matches_a_brute_force_loop(case, seed):
+    """Every small sample (ties, NaN scores, local windows, valid_len, 0 < alpha < 1, a bias)."""
+    args = make_args(case, "cpu", torch.float64, seed)
+    out_k, out_v = reference.fuse_kv(*args)
+    keys, values = cache_of(args)
+    L = keys.shape[2]
+    for b in range(case.batch):
+        num_valid = L if case.valid_len is None else case.valid_len[b]
+        for h in range(case.heads):
+            want_k, want_v = brute_force_row(keys[b, h], values[b, h], args[4][b, h].double(), args[5], args[6],
+                                             float(args[7]), case.num_heavy, case.num_local, num_valid)
+            torch.testing.assert_close(out_k[b, h], want_k, rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(out_v[b, h], want_v, rtol=1e-10, atol=1e-10)

@@ -1,5 +1,5 @@
 // The launch sequence of lococo::fuse_kv and lococo::fuse_kv_backward on CUDA, written once
-// against a `Launcher` (the real one in fuse_kv_cuda.cu; emulation/ runs the same sequence
+// against a `Launcher` (the real one in fuse_kv_cuda.cu; tools/emulator runs the same sequence
 // on the CPU). A Launcher is built from the device after the argument checks; it holds the
 // device guard and stream, reports compute_capability() and max_shared_memory(), and launches
 // with launch(kernel, blocks, threads, shared_bytes, params...).
@@ -68,7 +68,7 @@ CacheEntries<T> entries(const at::Tensor& mem, const at::Tensor& fresh) {
 }
 
 inline int64_t checked_blocks(int64_t blocks, const char* kernel) {
-  TORCH_CHECK(blocks < (int64_t{1} << 31), "fuse_kv: ", kernel, " would need ", blocks,
+  TORCH_CHECK_VALUE(blocks < (int64_t{1} << 31), "fuse_kv: ", kernel, " would need ", blocks,
               " thread blocks, more than CUDA's grid limit of 2^31 - 1");
   return blocks;
 }
@@ -83,7 +83,7 @@ struct SelectionBuffers {
 };
 
 inline Problem problem_of(const FuseKvShape& s) {
-  TORCH_CHECK(s.length() < (int64_t{1} << 31) && s.batch * s.heads < (int64_t{1} << 31),
+  TORCH_CHECK_VALUE(s.length() < (int64_t{1} << 31) && s.batch * s.heads < (int64_t{1} << 31),
               "fuse_kv: the CUDA kernels index rows and positions with 32-bit integers; got ",
               s.batch * s.heads, " rows of ", s.length(), " entries");
   return {static_cast<int>(s.batch * s.heads), static_cast<int>(s.heads), static_cast<int>(s.length()),
@@ -304,7 +304,7 @@ std::tuple<at::Tensor, at::Tensor> fuse_kv_forward(
     const std::optional<at::Tensor>& bias, const at::Tensor& alpha, int64_t num_heavy, int64_t num_local,
     const std::optional<at::Tensor>& valid_len) {
   const FuseKvShape s = check_fuse_kv_args(mem_k, mem_v, new_k, new_v, scores, weight, bias, alpha,
-                                           num_heavy, num_local, valid_len);
+                                           num_heavy, num_local, valid_len, /*check_values=*/false);
   Launcher launch(mem_k.device());  // after the checks: they name a tensor on the wrong device
   auto out_k = at::empty({s.batch, s.heads, s.slots(), s.d}, mem_k.options());
   auto out_v = at::empty_like(out_k);
@@ -339,7 +339,7 @@ fuse_kv_backward(const at::Tensor& grad_k_in, const at::Tensor& grad_v_in,
                  const std::optional<at::Tensor>& bias, const at::Tensor& alpha, int64_t num_heavy,
                  int64_t num_local, const std::optional<at::Tensor>& valid_len) {
   const FuseKvShape s = check_fuse_kv_args(mem_k, mem_v, new_k, new_v, scores, weight, bias, alpha,
-                                           num_heavy, num_local, valid_len);
+                                           num_heavy, num_local, valid_len, /*check_values=*/false);
   check_fuse_kv_grads(grad_k_in, grad_v_in, s, mem_k);
   Launcher launch(mem_k.device());
   at::Tensor d_mem_k, d_mem_v, d_new_k, d_new_v, d_weight, d_bias, d_alpha;

@@ -87,7 +87,5 @@ def fuse_kv(
     if _library.has_kernel(mem_k.device):
         return torch.ops.lococo.fuse_kv(mem_k, mem_v, new_k, new_v, scores, weight, bias, alpha,
                                         num_heavy, num_local, valid_len)
-    check_fuse_kv_args(mem_k, mem_v, new_k, new_v, scores, weight, bias, alpha, num_heavy,
-                       num_local, valid_len)
     return reference.fuse_kv(mem_k, mem_v, new_k, new_v, scores, weight, bias, alpha, num_heavy,
                              num_local, valid_len)

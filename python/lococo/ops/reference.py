@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .checks import check_fuse_kv_args
+
 __all__ = ["fuse_kv", "rank_order", "compute_dtype"]
 
 
@@ -108,8 +110,9 @@ def fuse_kv(
     """Compress the logical cache [mem ; new] of every (row, KV head) into H + C slots.
 
     A row with fewer than H + C valid entries keeps them all, right-aligned, with zeros in
-    front. Inputs are not validated here; ``lococo.fuse_kv`` validates before dispatching.
+    front. Bad arguments raise the ValueError of the op, naming the argument.
     """
+    check_fuse_kv_args(mem_k, mem_v, new_k, new_v, scores, weight, bias, alpha, num_heavy, num_local, valid_len)
     b, h, _, d = mem_k.shape
     out_dtype = mem_k.dtype
     cdt = compute_dtype(out_dtype)
