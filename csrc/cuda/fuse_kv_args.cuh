@@ -61,6 +61,15 @@ struct Selection {
   int32_t* pick_slot;  // [rows, rest_stride] the slot that picks R[i], or -1
 };
 
+// What every kernel over the rest R of one row reads first: n, the count of R's entries (< 0
+// or less than C when the row is kept whole and nothing is fused), R's positions and the cache.
+template <typename T>
+struct RowRest {
+  int n;
+  const int32_t* rest;  // [n] positions of R, ascending
+  RowEntries<const T> keys, values;
+};
+
 // Inputs and outputs of the forward, and the extra ones of the backward.
 template <typename T>
 struct FuseArgs {
@@ -86,6 +95,11 @@ struct FuseArgs {
   Acc* grad_weight;       // [k, 2d, C]
   Acc* grad_bias;         // [C]
   Acc* grad_alpha;        // [1]
+
+  __device__ __forceinline__ RowRest<T> row_rest(int row) const {
+    return {sel.valid[row] - pb.num_heavy, sel.rest + static_cast<int64_t>(row) * pb.rest_stride(), keys.row(row),
+            values.row(row)};
+  }
 
   __device__ __forceinline__ Acc x_at(const RowEntries<const T>& k, const RowEntries<const T>& v, int j,
                                       int ch) const {

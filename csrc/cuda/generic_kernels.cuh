@@ -102,17 +102,13 @@ struct GenericShared {
 template <typename T, bool kStats>
 __global__ void __launch_bounds__(kGenericThreads) generic_fuse_kernel(FuseArgs<T> a) {
   using Acc = acc_t<T>;
-  LOCOCO_SHARED_BUFFER(smem);
-  SharedCarver carver{smem};
+  SharedCarver carver{dynamic_shared_memory()};
   const Problem& pb = a.pb;
   const GenericShared<Acc> sh = GenericShared<Acc>::carve(carver, pb.channels(), blockDim.x);
   const int C = pb.num_fused, H = pb.num_heavy, d = pb.d, ch2 = pb.channels();
   const int row = blockIdx.x / C, c = blockIdx.x - row * C;
-  const int n_valid = a.sel.valid[row];
-  if (n_valid < pb.slots()) return;
-  const int n = n_valid - H;
-  const auto keys = a.keys.row(row), values = a.values.row(row);
-  const int32_t* rest = a.sel.rest + static_cast<int64_t>(row) * pb.rest_stride();
+  const auto [n, rest, keys, values] = a.row_rest(row);
+  if (n + H < pb.slots()) return;
 
   for (int ch = threadIdx.x; ch < ch2; ch += blockDim.x) sh.fused[ch] = Acc(0);
   Acc run_max = neg_inf<Acc>(), run_sum = Acc(0);
@@ -174,17 +170,13 @@ __global__ void __launch_bounds__(kGenericThreads) generic_fuse_kernel(FuseArgs<
 template <typename T>
 __global__ void __launch_bounds__(kGenericThreads) generic_grad_z_kernel(FuseArgs<T> a) {
   using Acc = acc_t<T>;
-  LOCOCO_SHARED_BUFFER(smem);
-  SharedCarver carver{smem};
+  SharedCarver carver{dynamic_shared_memory()};
   Acc* scratch = carver.take<Acc>(block_scratch_count<Acc>(blockDim.x));
   const Problem& pb = a.pb;
   const int C = pb.num_fused, H = pb.num_heavy, d = pb.d, stride = pb.rest_stride();
   const int row = blockIdx.x / C, c = blockIdx.x - row * C;
-  const int n_valid = a.sel.valid[row];
-  if (n_valid < pb.slots()) return;
-  const int n = n_valid - H;
-  const auto keys = a.keys.row(row), values = a.values.row(row);
-  const int32_t* rest = a.sel.rest + static_cast<int64_t>(row) * stride;
+  const auto [n, rest, keys, values] = a.row_rest(row);
+  if (n + H < pb.slots()) return;
   const Acc* st = a.stats + (static_cast<int64_t>(row) * C + c) * kStatCount;
   const Acc run_max = st[kStatMax], run_sum = st[kStatSum], dot = st[kStatDot];
   const Acc alpha = *a.alpha;
@@ -261,11 +253,8 @@ __global__ void __launch_bounds__(kGenericThreads) generic_grad_weight_kernel(Fu
   const int t = static_cast<int>(e / (static_cast<int64_t>(C) * ch2));
   Acc acc = Acc(0);
   for (int row = 0; row < pb.rows; ++row) {
-    const int n_valid = a.sel.valid[row];
-    if (n_valid < pb.slots()) continue;
-    const int n = n_valid - pb.num_heavy;
-    const auto keys = a.keys.row(row), values = a.values.row(row);
-    const int32_t* rest = a.sel.rest + static_cast<int64_t>(row) * stride;
+    const auto [n, rest, keys, values] = a.row_rest(row);
+    if (n + pb.num_heavy < pb.slots()) continue;
     const Acc* grad_z = a.grad_z + (static_cast<int64_t>(row) * C + c) * stride;
     const int lo = pad - t > 0 ? pad - t : 0, hi = n + pad - t < n ? n + pad - t : n;
     for (int i = lo; i < hi; ++i) acc += grad_z[i] * a.x_at(keys, values, rest[i + t - pad], ch);
@@ -278,8 +267,7 @@ __global__ void __launch_bounds__(kGenericThreads) generic_grad_weight_kernel(Fu
 template <typename T>
 __global__ void __launch_bounds__(kGenericThreads) generic_grad_bias_alpha_kernel(FuseArgs<T> a) {
   using Acc = acc_t<T>;
-  LOCOCO_SHARED_BUFFER(smem);
-  SharedCarver carver{smem};
+  SharedCarver carver{dynamic_shared_memory()};
   Acc* scratch = carver.take<Acc>(block_scratch_count<Acc>(blockDim.x));
   const Problem& pb = a.pb;
   const int C = pb.num_fused;

@@ -72,18 +72,14 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mma_fuse_kernel(FuseArgs<T> a,
   constexpr int kThreadsPerSlot = kMmaThreads / CB;
   static_assert(kMmaThreads % CB == 0 && kThreadsPerSlot <= kWarpSize, "slot groups must fit in a warp");
 
-  LOCOCO_SHARED_BUFFER(smem);
-  SharedCarver carver{smem};
+  SharedCarver carver{dynamic_shared_memory()};
   const Problem& pb = a.pb;
   const int ch2 = pb.channels(), k = pb.kernel, pad = pb.pad(), C = pb.num_fused, H = pb.num_heavy, d = pb.d;
   const auto sh = MmaForwardShared<S, CB>::carve(carver, ch2, k, mw.w_chunk, Ops::kPParts, kStats);
   const int slot_blocks = mw.c_pad / CB;
   const int row = blockIdx.x / slot_blocks, c0 = (blockIdx.x - row * slot_blocks) * CB;
-  const int n_valid = a.sel.valid[row];
-  if (n_valid < pb.slots()) return;
-  const int n = n_valid - H;
-  const auto keys = a.keys.row(row), values = a.values.row(row);
-  const int32_t* rest = a.sel.rest + static_cast<int64_t>(row) * pb.rest_stride();
+  const auto [n, rest, keys, values] = a.row_rest(row);
+  if (n + H < pb.slots()) return;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   float* stage = sh.stage + warp * 256;
 

@@ -88,8 +88,7 @@ __device__ void emit_chosen(KeyOf key_of, int count, Threshold th, const SelectS
 }
 
 __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectArgs a) {
-  LOCOCO_SHARED_BUFFER(smem);
-  SharedCarver carver{smem};
+  SharedCarver carver{dynamic_shared_memory()};
   const SelectShared sh = SelectShared::carve(carver, blockDim.x);
   const Problem& pb = a.pb;
   const int row = blockIdx.x, L = pb.length, H = pb.num_heavy, l = pb.num_local;

@@ -1,10 +1,12 @@
 // torch.ops.lococo_emu.fuse_kv / fuse_kv_backward: the CUDA launch sequence and kernels of
-// ../fuse_kv_launch.h run on CPU tensors through emulation.h. A test tool for machines without
-// a GPU (see check_emulated.py); the real build never compiles this file.
+// csrc/cuda/fuse_kv_launch.h run on CPU tensors through emulation.h. A verification tool for
+// machines without a GPU (see check_emulated.py); the real build never compiles this file.
+#include "emulation.h"  // first: the CUDA built-ins the production headers use
+
 #include <torch/library.h>
 
-#include "../../fuse_kv_schema.h"
-#include "../fuse_kv_launch.h"
+#include "cuda/fuse_kv_launch.h"
+#include "fuse_kv_schema.h"
 
 namespace lococo::cuda {
 namespace {
