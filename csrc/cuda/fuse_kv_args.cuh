@@ -77,10 +77,10 @@ struct FuseArgs {
   Problem pb;
   Selection sel;
   CacheEntries<const T> keys, values;
-  const Acc* weight;  // [C, 2d, k] contiguous, accumulation type
-  const Acc* weight_by_tap;  // [k, C, 2d] the same, for the tensor-core backward (else nullptr)
-  const Acc* bias;    // [C] or nullptr
-  const Acc* alpha;   // one element
+  const T* weight;    // [C, 2d, k] contiguous, read by the generic kernels
+  const Acc* weight_by_tap;  // [k, C, 2d] the same in Acc, for the tensor-core backward (else nullptr)
+  const T* bias;      // [C] or nullptr
+  const T* alpha;     // one element
   T* out_k;           // [rows, H + C, d] contiguous
   T* out_v;
   // Backward only.

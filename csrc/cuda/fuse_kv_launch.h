@@ -23,6 +23,7 @@
 #include <utility>
 
 #include "../fuse_kv_checks.h"
+#include "prepared_weights.h"
 #include "generic_kernels.cuh"
 #include "mma_backward.cuh"
 #include "mma_forward.cuh"
@@ -117,31 +118,29 @@ size_t block_scratch_bytes() {
   return carver.size();
 }
 
-// Weights, bias and alpha in the accumulation type, as the generic kernels read them.
-struct AccParams {
+// Weight, bias and alpha as the kernels read them: in the element type, contiguous (no copy
+// unless a caller passes a strided one), converted to the accumulation type on load.
+struct Params {
   at::Tensor weight, bias, alpha;
 };
 
-inline AccParams acc_params(const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                            const at::Tensor& alpha) {
-  const auto acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return {weight.to(acc).contiguous(), bias.has_value() ? bias->to(acc).contiguous() : at::Tensor(),
-          alpha.to(acc).reshape({1}).contiguous()};
+inline Params contiguous_params(const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                const at::Tensor& alpha) {
+  return {weight.contiguous(), bias.has_value() ? bias->contiguous() : at::Tensor(), alpha.contiguous()};
 }
 
 template <typename T>
 FuseArgs<T> fuse_args(const Problem& pb, const SelectionBuffers& sel, const at::Tensor& mem_k,
                       const at::Tensor& mem_v, const at::Tensor& new_k, const at::Tensor& new_v,
-                      const AccParams& p) {
-  using Acc = acc_t<T>;
+                      const Params& p) {
   FuseArgs<T> a{};
   a.pb = pb;
   a.sel = sel.view();
   a.keys = entries<const T>(mem_k, new_k);
   a.values = entries<const T>(mem_v, new_v);
-  a.weight = p.weight.data_ptr<Acc>();
-  a.bias = p.bias.defined() ? p.bias.data_ptr<Acc>() : nullptr;
-  a.alpha = p.alpha.data_ptr<Acc>();
+  a.weight = reinterpret_cast<const T*>(p.weight.data_ptr());
+  a.bias = p.bias.defined() ? reinterpret_cast<const T*>(p.bias.data_ptr()) : nullptr;
+  a.alpha = reinterpret_cast<const T*>(p.alpha.data_ptr());
   return a;
 }
 
@@ -219,12 +218,20 @@ MmaPlan plan_mma(const Launcher& launch, const Problem& pb, bool backward) {
   return plan;
 }
 
-// The weights as [k, 2d, C_pad] in the tensor-core operand type, zero past C.
-template <typename T>
-at::Tensor mma_weights(const at::Tensor& weight, const MmaPlan& plan) {
-  at::Tensor w = at::zeros({weight.size(2), weight.size(1), plan.c_pad}, weight.options());
-  w.narrow(2, 0, weight.size(0)).copy_(weight.permute({2, 1, 0}));
-  return w;
+// The weights as [k, 2d, C_pad] in the tensor-core operand type, zero past C (cached).
+inline at::Tensor mma_weights(const at::Tensor& weight, const MmaPlan& plan) {
+  return prepared_weights().get(weight, plan.c_pad, [&] {
+    at::Tensor w = at::zeros({weight.size(2), weight.size(1), plan.c_pad}, weight.options());
+    w.narrow(2, 0, weight.size(0)).copy_(weight.detach().permute({2, 1, 0}));
+    return w;
+  });
+}
+
+// The weights as [k, C, 2d] in float, as the tensor-core backward's grad_x reads them (cached).
+inline at::Tensor weights_by_tap(const at::Tensor& weight) {
+  return prepared_weights().get(weight, PreparedWeights::kByTap, [&] {
+    return weight.detach().to(at::kFloat).permute({2, 0, 1}).contiguous();
+  });
 }
 
 template <typename T>
@@ -244,7 +251,7 @@ inline bool use_mma(KernelPath path, const MmaPlan& plan) {
 template <typename T, typename Launcher>
 void launch_mma_forward(Launcher& launch, const FuseArgs<T>& a, const at::Tensor& weight, const MmaPlan& plan) {
   if constexpr (!std::is_same_v<T, double>) {
-    const at::Tensor w = mma_weights<T>(weight, plan);
+    const at::Tensor w = mma_weights(weight, plan);
     const MmaWeights<T> mw = mma_weight_args<T>(w, plan);
     const int64_t blocks = checked_blocks(a.pb.rows * (plan.c_pad / plan.slots_per_block), "mma_fuse_kernel");
     with_slots_per_block(plan.slots_per_block, [&](auto cb) {
@@ -259,9 +266,9 @@ template <typename T, typename Launcher>
 void launch_mma_backward(Launcher& launch, const FuseArgs<T>& args, const at::Tensor& weight, const MmaPlan& plan) {
   if constexpr (!std::is_same_v<T, double>) {
     const Problem& pb = args.pb;
-    const at::Tensor w = mma_weights<T>(weight, plan);
+    const at::Tensor w = mma_weights(weight, plan);
     const MmaWeights<T> mw = mma_weight_args<T>(w, plan);
-    const at::Tensor w_by_tap = weight.to(at::kFloat).permute({2, 0, 1}).contiguous();
+    const at::Tensor w_by_tap = weights_by_tap(weight);
     FuseArgs<T> a = args;
     a.weight_by_tap = w_by_tap.data_ptr<float>();
     const int64_t rows = pb.rows, tiles = a.bias_parts, slot_blocks = plan.c_pad / plan.slots_per_block;
@@ -312,7 +319,7 @@ std::tuple<at::Tensor, at::Tensor> fuse_kv_forward(
   const Problem pb = problem_of(s);
   const KernelPath path = requested_kernel_path();
   const SelectionBuffers sel = select_entries(launch, pb, scores, valid_len);
-  const AccParams params = acc_params(weight, bias, alpha);
+  const Params params = contiguous_params(weight, bias, alpha);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mem_k.scalar_type(), "fuse_kv_cuda", [&] {
     using T = typename KernelType<scalar_t>::type;
@@ -350,7 +357,7 @@ fuse_kv_backward(const at::Tensor& grad_k_in, const at::Tensor& grad_v_in,
   const KernelPath path = requested_kernel_path();
   const auto grad_k = grad_k_in.contiguous(), grad_v = grad_v_in.contiguous();
   const SelectionBuffers sel = select_entries(launch, pb, scores, valid_len);
-  const AccParams params = acc_params(weight, bias, alpha);
+  const Params params = contiguous_params(weight, bias, alpha);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mem_k.scalar_type(), "fuse_kv_backward_cuda", [&] {
     using T = typename KernelType<scalar_t>::type;
@@ -363,7 +370,7 @@ fuse_kv_backward(const at::Tensor& grad_k_in, const at::Tensor& grad_v_in,
     launch(scatter_kept_grad_kernel<T>, pb.rows, kCopyThreads, 0, a);
     if (pb.num_fused == 0) return;
 
-    const auto acc_opts = params.weight.options();
+    const auto acc_opts = params.weight.options().dtype(std::is_same_v<Acc, double> ? at::kDouble : at::kFloat);
     const int C = pb.num_fused, stride = pb.rest_stride(), ch2 = pb.channels();
     const MmaPlan plan = plan_mma<T>(launch, pb, true);
     const bool mma = use_mma(path, plan);

@@ -68,14 +68,14 @@ __device__ __forceinline__ acc_t<T> conv_at(const FuseArgs<T>& a, const RowEntri
   using Acc = acc_t<T>;
   const Problem& pb = a.pb;
   const int d = pb.d, k = pb.kernel, pad = pb.pad();
-  Acc z = a.bias ? a.bias[c] : Acc(0);
-  const Acc* w = a.weight + static_cast<int64_t>(c) * pb.channels() * k;  // W[c, ch, t]
+  Acc z = a.bias ? to_acc(a.bias[c]) : Acc(0);
+  const T* w = a.weight + static_cast<int64_t>(c) * pb.channels() * k;  // W[c, ch, t]
   for (int t = 0; t < k; ++t) {
     const int src = i + t - pad;
     if (src < 0 || src >= n) continue;
     const int j = rest[src];
-    for (int ch = 0; ch < d; ++ch) z += w[ch * k + t] * to_acc(keys.at(j, ch));
-    for (int ch = 0; ch < d; ++ch) z += w[(d + ch) * k + t] * to_acc(values.at(j, ch));
+    for (int ch = 0; ch < d; ++ch) z += to_acc(w[ch * k + t]) * to_acc(keys.at(j, ch));
+    for (int ch = 0; ch < d; ++ch) z += to_acc(w[(d + ch) * k + t]) * to_acc(values.at(j, ch));
   }
   return z;
 }
@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(kGenericThreads) generic_fuse_kernel(FuseArgs<
       dot += g * f;
       dot_alpha += g * (f - x);
     } else {
-      const Acc alpha = *a.alpha;
+      const Acc alpha = to_acc(*a.alpha);
       const T out = from_acc<T>(alpha * f + (Acc(1) - alpha) * x);
       if (ch < d) {
         a.out_k[slot + ch] = out;
@@ -179,7 +179,7 @@ __global__ void __launch_bounds__(kGenericThreads) generic_grad_z_kernel(FuseArg
   if (n + H < pb.slots()) return;
   const Acc* st = a.stats + (static_cast<int64_t>(row) * C + c) * kStatCount;
   const Acc run_max = st[kStatMax], run_sum = st[kStatSum], dot = st[kStatDot];
-  const Acc alpha = *a.alpha;
+  const Acc alpha = to_acc(*a.alpha);
   const int64_t slot = (static_cast<int64_t>(row) * pb.slots() + H + c) * d;
   const int64_t out = (static_cast<int64_t>(row) * C + c) * stride;
   Acc bias_part = Acc(0);
@@ -214,7 +214,7 @@ __global__ void __launch_bounds__(kGenericThreads) generic_grad_x_kernel(FuseArg
   const int n = n_valid - H;
   const int j = a.sel.rest[static_cast<int64_t>(row) * stride + i];
   const int picked_by = a.sel.pick_slot[static_cast<int64_t>(row) * stride + i];
-  const Acc alpha = *a.alpha;
+  const Acc alpha = to_acc(*a.alpha);
   const int64_t slots = static_cast<int64_t>(row) * M + H;  // first fused slot of the row
   const Acc* probs = a.probs + static_cast<int64_t>(row) * C * stride;
   const Acc* grad_z = a.grad_z + static_cast<int64_t>(row) * C * stride;
@@ -229,7 +229,7 @@ __global__ void __launch_bounds__(kGenericThreads) generic_grad_x_kernel(FuseArg
       const int q = i - t + pad;
       if (q < 0 || q >= n) continue;
       for (int c = 0; c < C; ++c) {
-        acc += grad_z[static_cast<int64_t>(c) * stride + q] * a.weight[(static_cast<int64_t>(c) * ch2 + ch) * k + t];
+        acc += grad_z[static_cast<int64_t>(c) * stride + q] * to_acc(a.weight[(static_cast<int64_t>(c) * ch2 + ch) * k + t]);
       }
     }
     if (ch < d) {

@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mma_grad_z_kernel(FuseArgs<T> 
   if (c < C) {
     const float* st = a.stats + (static_cast<int64_t>(row) * C + c) * kStatCount;
     const float run_max = st[kStatMax], run_sum = st[kStatSum], dot = st[kStatDot];
-    const float bias = a.bias ? a.bias[c] : 0.0f, alpha = *a.alpha;
+    const float bias = a.bias ? to_acc(a.bias[c]) : 0.0f, alpha = to_acc(*a.alpha);
     float* probs = a.probs + (static_cast<int64_t>(row) * C + c) * stride;
     float* grad_z = a.grad_z + (static_cast<int64_t>(row) * C + c) * stride;
     for (int r = part; r < kMmaTile && base + r < n; r += kThreadsPerSlot) {
@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mma_grad_x_kernel(FuseArgs<T> 
   const int n_valid = a.sel.valid[row], base = tile * kMmaTile;
   if (n_valid < pb.slots() || base >= n_valid - pb.num_heavy) return;
   const int n = n_valid - pb.num_heavy;
-  const float alpha = *a.alpha;
+  const float alpha = to_acc(*a.alpha);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, r0 = (warp % 4) * 16;
   const int ch_here = min(kMmaChannelBlock, ch2 - ch0);
   const float* probs = a.probs + static_cast<int64_t>(row) * C * stride;

@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mma_fuse_kernel(FuseArgs<T> a,
     {
       const int col = threadIdx.x / kThreadsPerSlot, part = threadIdx.x % kThreadsPerSlot;
       const int c = c0 + col;
-      const float bias = a.bias && c < C ? a.bias[c] : 0.0f;
+      const float bias = a.bias && c < C ? to_acc(a.bias[c]) : 0.0f;
       const float old_max = sh.run_max[col];
       float tile_max = neg_inf<float>();
       for (int r = part; r < kMmaTile; r += kThreadsPerSlot) {
@@ -160,7 +160,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mma_fuse_kernel(FuseArgs<T> a,
     __syncthreads();  // X, P and the statistics are rewritten by the next tile
   }
 
-  const float alpha = *a.alpha;
+  const float alpha = to_acc(*a.alpha);
   const int M = pb.slots();
   const int32_t* picks = a.sel.picks + static_cast<int64_t>(row) * C;
 #pragma unroll

@@ -33,6 +33,7 @@ sys.path[:0] = [str(ROOT / "python"), str(ROOT / "tools")]
 warnings.filterwarnings("ignore", message="lococo: the compiled kernels")
 
 import sanitize_case  # noqa: E402
+from lococo.ops.testing import MMA_CASES, compare_forward, make_args  # noqa: E402
 
 FAST_CASES = ("small", "ties", "valid_len", "local2", "nonfinite", "many_tiles", "mma_d8", "mma_valid_nan",
               "mma_d16_multi")
@@ -75,6 +76,17 @@ def limit_check() -> sanitize_case.Row:
     return sanitize_case.Row("32-bit limit", "2^31 entries", "float32", "-", 0.0, 0.0, ok, 0.0, detail)
 
 
+def weight_update_check() -> sanitize_case.Row:
+    """The launcher keeps rearranged weights between calls: an in-place update must be seen."""
+    case = MMA_CASES[0]
+    args = make_args(case, "cpu", torch.bfloat16)
+    torch.ops.lococo_emu.fuse_kv(*args)
+    args[5].mul_(-1.5)
+    result = compare_forward(torch.ops.lococo_emu.fuse_kv(*args), args)
+    return sanitize_case.Row("weight update", case.name, "bfloat16", "mma", result.error, result.torch_error,
+                             result.ok, 0.0, result.detail)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reverse", action="store_true", help="run threads in reverse order between barriers")
@@ -88,7 +100,7 @@ def main(argv=None) -> int:
                                   cases=FAST_CASES if opts.fast else None,
                                   dtypes=(torch.float32, torch.bfloat16) if opts.fast else None)
     rows = []
-    for row in itertools.chain([limit_check()], checks):
+    for row in itertools.chain([limit_check(), weight_update_check()], checks):
         rows.append(row)
         print(sanitize_case.table([row]).splitlines()[2], flush=True)
     print(sanitize_case.table(rows).splitlines()[-1])
