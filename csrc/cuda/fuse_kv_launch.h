@@ -304,6 +304,95 @@ void launch_generic_backward(Launcher& launch, const FuseArgs<T>& a) {
          kGenericThreads, 0, a);
 }
 
+// What the kernels of one call read and write, after the checks and the selection.
+struct CallTensors {
+  const at::Tensor &mem_k, &mem_v, &new_k, &new_v, &weight;
+  Params params;
+  SelectionBuffers sel;
+  Problem pb;
+  KernelPath path;
+};
+
+// The forward kernels of one element type: the kept slots, then the fused ones.
+template <typename T, typename Launcher>
+void forward_kernels(Launcher& launch, const CallTensors& c, at::Tensor& out_k, at::Tensor& out_v) {
+  const Problem& pb = c.pb;
+  FuseArgs<T> a = fuse_args<T>(pb, c.sel, c.mem_k, c.mem_v, c.new_k, c.new_v, c.params);
+  a.out_k = reinterpret_cast<T*>(out_k.data_ptr());
+  a.out_v = reinterpret_cast<T*>(out_v.data_ptr());
+  launch(copy_kept_kernel<T>, pb.rows, kCopyThreads, 0, a);
+  if (pb.num_fused == 0) return;
+  const MmaPlan plan = plan_mma<T>(launch, pb, false);
+  if (use_mma(c.path, plan)) {
+    launch_mma_forward(launch, a, c.weight, plan);
+  } else {
+    launch_generic_forward(launch, a);
+  }
+}
+
+// The backward kernels of one element type; fills the zeroed gradients `grads` (mem_k, mem_v,
+// new_k, new_v, weight, bias, alpha).
+template <typename T, typename Launcher>
+void backward_kernels(Launcher& launch, const CallTensors& c, const at::Tensor& grad_k, const at::Tensor& grad_v,
+                      FuseKvGrads& grads) {
+  using Acc = acc_t<T>;
+  const Problem& pb = c.pb;
+  auto& [d_mem_k, d_mem_v, d_new_k, d_new_v, d_weight, d_bias, d_alpha] = grads;
+  FuseArgs<T> a = fuse_args<T>(pb, c.sel, c.mem_k, c.mem_v, c.new_k, c.new_v, c.params);
+  a.grad_k = reinterpret_cast<const T*>(grad_k.data_ptr());
+  a.grad_v = reinterpret_cast<const T*>(grad_v.data_ptr());
+  a.d_keys = entries<T>(d_mem_k, d_new_k);
+  a.d_values = entries<T>(d_mem_v, d_new_v);
+  launch(scatter_kept_grad_kernel<T>, pb.rows, kCopyThreads, 0, a);
+  if (pb.num_fused == 0) return;
+
+  const auto acc_opts = c.weight.options().dtype(std::is_same_v<Acc, double> ? at::kDouble : at::kFloat);
+  const int C = pb.num_fused, stride = pb.rest_stride(), ch2 = pb.channels();
+  const MmaPlan plan = plan_mma<T>(launch, pb, true);
+  const bool mma = use_mma(c.path, plan);
+  a.bias_parts = mma ? ceil_div(stride, kMmaTile) : 1;
+  const at::Tensor stats = at::zeros({pb.rows, C, kStatCount}, acc_opts);
+  const at::Tensor probs = at::empty({pb.rows, C, stride}, acc_opts);
+  const at::Tensor grad_z = at::empty({pb.rows, C, stride}, acc_opts);
+  const at::Tensor grad_bias_rows = at::zeros({pb.rows, a.bias_parts, C}, acc_opts);
+  const at::Tensor grad_weight = at::empty({pb.kernel, ch2, C}, acc_opts);
+  const at::Tensor grad_bias = at::empty({C}, acc_opts);
+  const at::Tensor grad_alpha = at::empty({1}, acc_opts);
+  a.stats = stats.data_ptr<Acc>();
+  a.probs = probs.data_ptr<Acc>();
+  a.grad_z = grad_z.data_ptr<Acc>();
+  a.grad_bias_rows = grad_bias_rows.data_ptr<Acc>();
+  a.grad_weight = grad_weight.data_ptr<Acc>();
+  a.grad_bias = grad_bias.data_ptr<Acc>();
+  a.grad_alpha = grad_alpha.data_ptr<Acc>();
+
+  if (mma) {
+    launch_mma_backward(launch, a, c.weight, plan);
+  } else {
+    launch_generic_backward(launch, a);
+  }
+  launch(generic_grad_bias_alpha_kernel<T>, 1, kGenericThreads, block_scratch_bytes<Acc>(), a);
+
+  d_weight.copy_(grad_weight.permute({2, 1, 0}));
+  d_bias.copy_(grad_bias);
+  d_alpha.copy_(grad_alpha.reshape(d_alpha.sizes()));
+}
+
+// Declares (with `extern`) or instantiates (without) the kernels of one element type, so that
+// a build can compile each type in its own translation unit, in parallel.
+#define LOCOCO_FUSE_KV_KERNELS(EXTERN, T, LAUNCHER)                                                          \
+  EXTERN template void forward_kernels<T, LAUNCHER>(LAUNCHER&, const CallTensors&, at::Tensor&, at::Tensor&); \
+  EXTERN template void backward_kernels<T, LAUNCHER>(LAUNCHER&, const CallTensors&, const at::Tensor&,       \
+                                                     const at::Tensor&, FuseKvGrads&)
+
+// Calls f(T{}) with the kernel element type of `dtype`.
+template <typename F>
+void with_kernel_type(at::ScalarType dtype, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fuse_kv_cuda", [&] {
+    f(typename KernelType<scalar_t>::type{});
+  });
+}
+
 template <typename Launcher>
 std::tuple<at::Tensor, at::Tensor> fuse_kv_forward(
     const at::Tensor& mem_k, const at::Tensor& mem_v, const at::Tensor& new_k,
@@ -317,91 +406,34 @@ std::tuple<at::Tensor, at::Tensor> fuse_kv_forward(
   auto out_v = at::empty_like(out_k);
   if (out_k.numel() == 0) return {out_k, out_v};
   const Problem pb = problem_of(s);
-  const KernelPath path = requested_kernel_path();
-  const SelectionBuffers sel = select_entries(launch, pb, scores, valid_len);
-  const Params params = contiguous_params(weight, bias, alpha);
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mem_k.scalar_type(), "fuse_kv_cuda", [&] {
-    using T = typename KernelType<scalar_t>::type;
-    FuseArgs<T> a = fuse_args<T>(pb, sel, mem_k, mem_v, new_k, new_v, params);
-    a.out_k = reinterpret_cast<T*>(out_k.data_ptr());
-    a.out_v = reinterpret_cast<T*>(out_v.data_ptr());
-    launch(copy_kept_kernel<T>, pb.rows, kCopyThreads, 0, a);
-    if (pb.num_fused == 0) return;
-    const MmaPlan plan = plan_mma<T>(launch, pb, false);
-    if (use_mma(path, plan)) {
-      launch_mma_forward(launch, a, weight, plan);
-    } else {
-      launch_generic_forward(launch, a);
-    }
+  const CallTensors call{mem_k, mem_v, new_k, new_v, weight, contiguous_params(weight, bias, alpha),
+                         select_entries(launch, pb, scores, valid_len), pb, requested_kernel_path()};
+  with_kernel_type(mem_k.scalar_type(), [&](auto type) {
+    forward_kernels<decltype(type)>(launch, call, out_k, out_v);
   });
   return {out_k, out_v};
 }
 
 template <typename Launcher>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-fuse_kv_backward(const at::Tensor& grad_k_in, const at::Tensor& grad_v_in,
-                 const at::Tensor& mem_k, const at::Tensor& mem_v, const at::Tensor& new_k,
-                 const at::Tensor& new_v, const at::Tensor& scores, const at::Tensor& weight,
-                 const std::optional<at::Tensor>& bias, const at::Tensor& alpha, int64_t num_heavy,
-                 int64_t num_local, const std::optional<at::Tensor>& valid_len) {
+FuseKvGrads fuse_kv_backward(const at::Tensor& grad_k, const at::Tensor& grad_v, const at::Tensor& mem_k,
+                             const at::Tensor& mem_v, const at::Tensor& new_k, const at::Tensor& new_v,
+                             const at::Tensor& scores, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias, const at::Tensor& alpha, int64_t num_heavy,
+                             int64_t num_local, const std::optional<at::Tensor>& valid_len) {
   const FuseKvShape s = check_fuse_kv_args(mem_k, mem_v, new_k, new_v, scores, weight, bias, alpha,
                                            num_heavy, num_local, valid_len, /*check_values=*/false);
-  check_fuse_kv_grads(grad_k_in, grad_v_in, s, mem_k);
+  check_fuse_kv_grads(grad_k, grad_v, s, mem_k);
   Launcher launch(mem_k.device());
-  at::Tensor d_mem_k, d_mem_v, d_new_k, d_new_v, d_weight, d_bias, d_alpha;
-  std::tie(d_mem_k, d_mem_v, d_new_k, d_new_v, d_weight, d_bias, d_alpha) =
-      zero_fuse_kv_grads(mem_k, mem_v, new_k, new_v, weight, alpha);
-  if (s.batch * s.heads == 0 || s.d == 0) return {d_mem_k, d_mem_v, d_new_k, d_new_v, d_weight, d_bias, d_alpha};
+  FuseKvGrads grads = zero_fuse_kv_grads(mem_k, mem_v, new_k, new_v, weight, alpha);
+  if (s.batch * s.heads == 0 || s.d == 0) return grads;
   const Problem pb = problem_of(s);
-  const KernelPath path = requested_kernel_path();
-  const auto grad_k = grad_k_in.contiguous(), grad_v = grad_v_in.contiguous();
-  const SelectionBuffers sel = select_entries(launch, pb, scores, valid_len);
-  const Params params = contiguous_params(weight, bias, alpha);
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mem_k.scalar_type(), "fuse_kv_backward_cuda", [&] {
-    using T = typename KernelType<scalar_t>::type;
-    using Acc = acc_t<T>;
-    FuseArgs<T> a = fuse_args<T>(pb, sel, mem_k, mem_v, new_k, new_v, params);
-    a.grad_k = reinterpret_cast<const T*>(grad_k.data_ptr());
-    a.grad_v = reinterpret_cast<const T*>(grad_v.data_ptr());
-    a.d_keys = entries<T>(d_mem_k, d_new_k);
-    a.d_values = entries<T>(d_mem_v, d_new_v);
-    launch(scatter_kept_grad_kernel<T>, pb.rows, kCopyThreads, 0, a);
-    if (pb.num_fused == 0) return;
-
-    const auto acc_opts = params.weight.options().dtype(std::is_same_v<Acc, double> ? at::kDouble : at::kFloat);
-    const int C = pb.num_fused, stride = pb.rest_stride(), ch2 = pb.channels();
-    const MmaPlan plan = plan_mma<T>(launch, pb, true);
-    const bool mma = use_mma(path, plan);
-    a.bias_parts = mma ? ceil_div(stride, kMmaTile) : 1;
-    const at::Tensor stats = at::zeros({pb.rows, C, kStatCount}, acc_opts);
-    const at::Tensor probs = at::empty({pb.rows, C, stride}, acc_opts);
-    const at::Tensor grad_z = at::empty({pb.rows, C, stride}, acc_opts);
-    const at::Tensor grad_bias_rows = at::zeros({pb.rows, a.bias_parts, C}, acc_opts);
-    const at::Tensor grad_weight = at::empty({pb.kernel, ch2, C}, acc_opts);
-    const at::Tensor grad_bias = at::empty({C}, acc_opts);
-    const at::Tensor grad_alpha = at::empty({1}, acc_opts);
-    a.stats = stats.data_ptr<Acc>();
-    a.probs = probs.data_ptr<Acc>();
-    a.grad_z = grad_z.data_ptr<Acc>();
-    a.grad_bias_rows = grad_bias_rows.data_ptr<Acc>();
-    a.grad_weight = grad_weight.data_ptr<Acc>();
-    a.grad_bias = grad_bias.data_ptr<Acc>();
-    a.grad_alpha = grad_alpha.data_ptr<Acc>();
-
-    if (mma) {
-      launch_mma_backward(launch, a, weight, plan);
-    } else {
-      launch_generic_backward(launch, a);
-    }
-    launch(generic_grad_bias_alpha_kernel<T>, 1, kGenericThreads, block_scratch_bytes<Acc>(), a);
-
-    d_weight.copy_(grad_weight.permute({2, 1, 0}));
-    d_bias.copy_(grad_bias);
-    d_alpha.copy_(grad_alpha.reshape(d_alpha.sizes()));
+  const CallTensors call{mem_k, mem_v, new_k, new_v, weight, contiguous_params(weight, bias, alpha),
+                         select_entries(launch, pb, scores, valid_len), pb, requested_kernel_path()};
+  const at::Tensor grad_k_rows = grad_k.contiguous(), grad_v_rows = grad_v.contiguous();
+  with_kernel_type(mem_k.scalar_type(), [&](auto type) {
+    backward_kernels<decltype(type)>(launch, call, grad_k_rows, grad_v_rows, grads);
   });
-  return {d_mem_k, d_mem_v, d_new_k, d_new_v, d_weight, d_bias, d_alpha};
+  return grads;
 }
 
 }  // namespace lococo::cuda
