@@ -15,6 +15,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -23,7 +24,7 @@ namespace lococo::cuda {
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-// Accumulation type: float for fp32/fp16/bf16, double for fp64 (SPEC section 4).
+// Accumulation type: float for fp32/fp16/bf16, double for fp64 (docs/design.md#dtypes-and-accumulation).
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
@@ -59,14 +60,22 @@ __device__ __forceinline__ Acc relu_keep_nan(Acc x) {
   return x > Acc(0) || x != x ? x : Acc(0);
 }
 
-// Monotone 64-bit key of a score: larger score, larger key; NaN lowest; -0 equals +0.
-// Equal keys are ranked by position (lower first) by the selection code.
-__device__ __forceinline__ uint64_t score_key(double s) {
+// Monotone key of a score: larger score, larger key; NaN lowest; -0 equals +0. Equal keys are
+// ranked by position (lower first) by the selection code. float64 scores get 64-bit keys;
+// float32, float16 and bfloat16 scores (exact in float) get 32-bit keys.
+template <typename Bits, typename F>
+__device__ __forceinline__ Bits ordered_bits(F s) {
+  constexpr Bits kSign = Bits{1} << (8 * sizeof(Bits) - 1);
   if (s != s) return 0;
-  if (s == 0.0) s = 0.0;
-  const uint64_t bits = static_cast<uint64_t>(__double_as_longlong(s));
-  return (bits >> 63) ? ~bits : (bits | (uint64_t{1} << 63));
+  if (s == F(0)) s = F(0);
+  Bits bits;
+  memcpy(&bits, &s, sizeof bits);
+  return (bits & kSign) ? ~bits : (bits | kSign);
 }
+__device__ __forceinline__ uint64_t score_key(double s) { return ordered_bits<uint64_t>(s); }
+__device__ __forceinline__ uint32_t score_key(float s) { return ordered_bits<uint32_t>(s); }
+__device__ __forceinline__ uint32_t score_key(__half s) { return score_key(__half2float(s)); }
+__device__ __forceinline__ uint32_t score_key(__nv_bfloat16 s) { return score_key(__bfloat162float(s)); }
 
 // The block's dynamic shared memory (the size is given at launch).
 __device__ __forceinline__ unsigned char* dynamic_shared_memory() {

@@ -27,6 +27,8 @@ struct RowEntries {
   __device__ __forceinline__ T& at(int j, int c) const {
     return j < mem_len ? mem[j * mem_seq + c * mem_dim] : fresh[(j - mem_len) * new_seq + c * new_dim];
   }
+  // The distance between the features of entry j (1 where it is contiguous along d).
+  __device__ __forceinline__ int64_t dim_stride(int j) const { return j < mem_len ? mem_dim : new_dim; }
 };
 
 // Keys or values (or their gradients) of every row.

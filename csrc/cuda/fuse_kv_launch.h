@@ -99,15 +99,22 @@ SelectionBuffers select_entries(Launcher& launch, const Problem& pb, const at::T
   SelectionBuffers buf{at::empty({pb.rows}, opts), at::empty({pb.rows, pb.num_heavy}, opts),
                        at::empty({pb.rows, pb.rest_stride()}, opts), at::empty({pb.rows, pb.num_fused}, opts),
                        at::empty({pb.rows, pb.rest_stride()}, opts)};
-  const at::Tensor scores_d = scores.to(at::kDouble).contiguous();
+  const at::Tensor scores_rows = scores.contiguous();
   at::Tensor valid;
   if (valid_len.has_value()) valid = valid_len->contiguous();
-  SelectArgs args{pb, buf.view(), scores_d.data_ptr<double>(),
-                  valid.defined() ? valid.data_ptr<int64_t>() : nullptr};
+  const int64_t* valid_ptr = valid.defined() ? valid.data_ptr<int64_t>() : nullptr;
   SharedCarver carver{nullptr};
   SelectShared::carve(carver, kSelectThreads);
-  launch(select_kernel, pb.rows, kSelectThreads, carver.size(), args);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "fuse_kv_select", [&] {
+    using S = typename KernelType<scalar_t>::type;
+    const SelectArgs<S> args{pb, buf.view(), reinterpret_cast<const S*>(scores_rows.data_ptr()), valid_ptr};
+    launch(select_kernel<S>, pb.rows, kSelectThreads, carver.size(), args);
+  });
   return buf;
+}
+
+inline int64_t copy_blocks(const Problem& pb) {
+  return checked_blocks(int64_t{pb.rows} * ceil_div(pb.slots(), kCopySlotsPerBlock), "copy_kept_kernel");
 }
 
 // Shared memory of a kernel whose only shared memory is the block reduction scratch.
@@ -320,7 +327,7 @@ void forward_kernels(Launcher& launch, const CallTensors& c, at::Tensor& out_k, 
   FuseArgs<T> a = fuse_args<T>(pb, c.sel, c.mem_k, c.mem_v, c.new_k, c.new_v, c.params);
   a.out_k = reinterpret_cast<T*>(out_k.data_ptr());
   a.out_v = reinterpret_cast<T*>(out_v.data_ptr());
-  launch(copy_kept_kernel<T>, pb.rows, kCopyThreads, 0, a);
+  launch(copy_kept_kernel<T>, copy_blocks(pb), kCopyThreads, 0, a);
   if (pb.num_fused == 0) return;
   const MmaPlan plan = plan_mma<T>(launch, pb, false);
   if (use_mma(c.path, plan)) {
@@ -343,7 +350,7 @@ void backward_kernels(Launcher& launch, const CallTensors& c, const at::Tensor& 
   a.grad_v = reinterpret_cast<const T*>(grad_v.data_ptr());
   a.d_keys = entries<T>(d_mem_k, d_new_k);
   a.d_values = entries<T>(d_mem_v, d_new_v);
-  launch(scatter_kept_grad_kernel<T>, pb.rows, kCopyThreads, 0, a);
+  launch(scatter_kept_grad_kernel<T>, copy_blocks(pb), kCopyThreads, 0, a);
   if (pb.num_fused == 0) return;
 
   const auto acc_opts = c.weight.options().dtype(std::is_same_v<Acc, double> ? at::kDouble : at::kFloat);

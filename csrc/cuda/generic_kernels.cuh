@@ -9,55 +9,77 @@
 
 namespace lococo::cuda {
 
-constexpr int kCopyThreads = 256;
 constexpr int kGenericThreads = 128;
+constexpr int kCopyThreads = 128;
+constexpr int kCopySlotsPerBlock = 16;  // blocks per row: ceil(M / 16)
+constexpr int kCopyThreadsPerSlot = kCopyThreads / kCopySlotsPerBlock;
 
-// Heavy-hitter slots of compressed rows, and every slot of rows kept whole (right-aligned,
-// zeros in front). Forward: cache -> out. One block per row.
+// What one thread of copy_kept_kernel or scatter_kept_grad_kernel moves: kept slot s of a row
+// (block b of a row takes slots 16 b .. 16 b + 15) and the entry behind it: heavy hitter s of a
+// compressed row, or entry L - M + s of a row kept whole (right-aligned); entry -1 for the zero
+// slots in front of a short row. `slot` is the offset of the slot in the [rows, M, d] outputs.
+struct KeptSlot {
+  bool active;
+  int row, entry, part;
+  int64_t slot;
+};
+
 template <typename T>
-__global__ void __launch_bounds__(kCopyThreads) copy_kept_kernel(FuseArgs<T> a) {
+__device__ __forceinline__ KeptSlot kept_slot(const FuseArgs<T>& a) {
   const Problem& pb = a.pb;
-  const int row = blockIdx.x, d = pb.d, M = pb.slots(), L = pb.length;
+  const int M = pb.slots(), blocks_per_row = ceil_div(M, kCopySlotsPerBlock);
+  const int row = blockIdx.x / blocks_per_row;
+  const int s = (blockIdx.x - row * blocks_per_row) * kCopySlotsPerBlock + threadIdx.x / kCopyThreadsPerSlot;
   const int n_valid = a.sel.valid[row];
   const bool whole = n_valid < M;
-  const auto keys = a.keys.row(row), values = a.values.row(row);
-  T* out_k = a.out_k + static_cast<int64_t>(row) * M * d;
-  T* out_v = a.out_v + static_cast<int64_t>(row) * M * d;
-  const int32_t* heavy = a.sel.heavy + static_cast<int64_t>(row) * pb.num_heavy;
-  const int count = (whole ? M : pb.num_heavy) * d;
-  const int first = M - n_valid;  // rows kept whole: slot s holds entry L - M + s from here on
-  for (int e = threadIdx.x; e < count; e += blockDim.x) {
-    const int s = e / d, c = e - s * d;
-    if (whole) {
-      const bool ok = s >= first;
-      out_k[e] = ok ? keys.at(L - M + s, c) : from_acc<T>(0);
-      out_v[e] = ok ? values.at(L - M + s, c) : from_acc<T>(0);
-    } else {
-      out_k[e] = keys.at(heavy[s], c);
-      out_v[e] = values.at(heavy[s], c);
-    }
+  if (s >= (whole ? M : pb.num_heavy)) return {false, row, -1, 0, 0};
+  const int entry = whole ? (s >= M - n_valid ? pb.length - M + s : -1)
+                          : a.sel.heavy[static_cast<int64_t>(row) * pb.num_heavy + s];
+  return {true, row, entry, static_cast<int>(threadIdx.x % kCopyThreadsPerSlot),
+          (static_cast<int64_t>(row) * M + s) * pb.d};
+}
+
+// Copies the d features of one entry (to[c * to_stride] = from[c * from_stride]; zeros when
+// from is null), split over the kCopyThreadsPerSlot threads of the slot: 16 bytes at a time
+// where both sides are contiguous and aligned, several loads in flight per thread.
+template <typename T>
+__device__ __forceinline__ void copy_entry(T* __restrict__ to, int64_t to_stride, const T* __restrict__ from,
+                                           int64_t from_stride, int d, int part) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vectors = d % kVec == 0 && to_stride == 1 && from_stride == 1 &&
+                       reinterpret_cast<uintptr_t>(to) % 16 == 0 &&
+                       (from == nullptr || reinterpret_cast<uintptr_t>(from) % 16 == 0);
+  if (vectors) {
+    auto* to4 = reinterpret_cast<uint4*>(to);
+    const auto* from4 = reinterpret_cast<const uint4*>(from);
+#pragma unroll 4
+    for (int v = part; v < d / kVec; v += kCopyThreadsPerSlot) to4[v] = from ? from4[v] : make_uint4(0, 0, 0, 0);
+  } else {
+    for (int c = part; c < d; c += kCopyThreadsPerSlot) to[c * to_stride] = from ? from[c * from_stride] : from_acc<T>(0);
   }
+}
+
+// Heavy-hitter slots of compressed rows, and every slot of rows kept whole (right-aligned,
+// zeros in front). Forward: cache -> out, several blocks per row.
+template <typename T>
+__global__ void __launch_bounds__(kCopyThreads) copy_kept_kernel(FuseArgs<T> a) {
+  const KeptSlot k = kept_slot(a);
+  if (!k.active) return;  // no barriers in this kernel
+  const auto keys = a.keys.row(k.row), values = a.values.row(k.row);
+  const int j = k.entry, d = a.pb.d;
+  copy_entry(a.out_k + k.slot, 1, j < 0 ? nullptr : &keys.at(j, 0), j < 0 ? 1 : keys.dim_stride(j), d, k.part);
+  copy_entry(a.out_v + k.slot, 1, j < 0 ? nullptr : &values.at(j, 0), j < 0 ? 1 : values.dim_stride(j), d, k.part);
 }
 
 // The backward of copy_kept_kernel: gradients of those slots go back to their entries.
 template <typename T>
 __global__ void __launch_bounds__(kCopyThreads) scatter_kept_grad_kernel(FuseArgs<T> a) {
-  const Problem& pb = a.pb;
-  const int row = blockIdx.x, d = pb.d, M = pb.slots(), L = pb.length;
-  const int n_valid = a.sel.valid[row];
-  const bool whole = n_valid < M;
-  const auto d_keys = a.d_keys.row(row), d_values = a.d_values.row(row);
-  const T* grad_k = a.grad_k + static_cast<int64_t>(row) * M * d;
-  const T* grad_v = a.grad_v + static_cast<int64_t>(row) * M * d;
-  const int32_t* heavy = a.sel.heavy + static_cast<int64_t>(row) * pb.num_heavy;
-  const int first = whole ? M - n_valid : 0;
-  const int end = (whole ? M : pb.num_heavy) * d;
-  for (int e = first * d + threadIdx.x; e < end; e += blockDim.x) {
-    const int s = e / d, c = e - s * d;
-    const int j = whole ? L - M + s : heavy[s];
-    d_keys.at(j, c) = grad_k[e];
-    d_values.at(j, c) = grad_v[e];
-  }
+  const KeptSlot k = kept_slot(a);
+  if (!k.active || k.entry < 0) return;  // a zero slot has no entry behind it
+  const auto d_keys = a.d_keys.row(k.row), d_values = a.d_values.row(k.row);
+  const int j = k.entry, d = a.pb.d;
+  copy_entry(&d_keys.at(j, 0), d_keys.dim_stride(j), a.grad_k + k.slot, 1, d, k.part);
+  copy_entry(&d_values.at(j, 0), d_values.dim_stride(j), a.grad_v + k.slot, 1, d, k.part);
 }
 
 // Pre-ReLU convolution output Z[c, i] of position i of R (bias included).

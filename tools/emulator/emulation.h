@@ -236,11 +236,6 @@ inline int atomicAdd(int* p, int v) {  // fibers never run concurrently
   *p = old + v;
   return old;
 }
-inline long long __double_as_longlong(double x) {
-  long long r;
-  std::memcpy(&r, &x, sizeof r);
-  return r;
-}
 
 namespace nvcuda::wmma {
 

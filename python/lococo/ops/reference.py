@@ -1,7 +1,7 @@
 """The LoCoCo compressor in plain PyTorch: the ground truth for every kernel.
 
-This is SPEC section 2, vectorised over batch rows and KV heads. It favours clarity over
-speed (it builds the concatenated cache and the dense one-hot matrix), is differentiable
+This is docs/design.md#the-compressor, vectorised over batch rows and KV heads. It favours
+clarity over speed (it builds the concatenated cache and the dense one-hot matrix), is differentiable
 through autograd in every float input but ``scores``, and is the fallback where no compiled
 kernel exists for a device.
 

@@ -50,6 +50,7 @@ class Case:
     valid_len: tuple[int, ...] | None = None
     layout: str = "contiguous"  # or "strided": new entries as views of a projection, memory sliced
     scores: str = "random"      # or "zeros", "ties" (values 0, 1, 2), "nan" (with -inf, -0 and +0)
+    scores_dtype: str = "float32"  # the kernels read scores in their own dtype
     bias_std: float | None = 0.1  # None: no bias
     weight_scale: float = 1.0   # weight std times sqrt(2d k); about 3 gives peaked, finite softmaxes
     nonfinite: bool = False     # a NaN and a -inf in the memory keys, an inf in the new keys
@@ -107,7 +108,7 @@ def make_args(case: Case, device, dtype: torch.dtype, seed: int = 0) -> list:
             mem_k[0, -1, 0, 0] = float("-inf")
         if lb > 0:
             new_k[0, -1, lb // 2, 0] = float("inf")
-    scores = _scores(case, gen).to(device)
+    scores = _scores(case, gen).to(device, getattr(torch, case.scores_dtype))
     weight = torch.randn(case.num_fused, 2 * d, case.kernel, generator=gen, dtype=torch.float64)
     weight = (weight * case.weight_scale / (2 * d * case.kernel) ** 0.5).to(device, dtype)
     bias = None
@@ -218,7 +219,7 @@ def compare_backward(got, args, grad_out) -> Comparison:
 
 SAMPLES = [  # every op test: no alpha at 0.5 (a swapped blend cancels there), half of them with tied scores
     Case(1, 1, 12, 5, 8, 4, 4, 3, scores="ties"),
-    Case(2, 3, 20, 7, 8, 5, 6, 5, num_local=2, layout="strided", alpha=0.7),
+    Case(2, 3, 20, 7, 8, 5, 6, 5, num_local=2, layout="strided", alpha=0.7, scores_dtype="bfloat16"),
     Case(3, 2, 33, 0, 16, 7, 9, 7, alpha=1.0, scores="ties"),                        # new segment empty
     Case(2, 2, 0, 29, 12, 6, 5, 5, alpha=0.0),                                       # memory segment empty
     Case(1, 3, 10, 7, 6, 8, 0, 21, alpha=1.0, scores="zeros"),                       # rho = 1, pure conv
@@ -226,8 +227,8 @@ SAMPLES = [  # every op test: no alpha at 0.5 (a swapped blend cancels there), h
     Case(2, 2, 15, 6, 8, 4, 6, 1, alpha=0.25, scores="ties"),                        # k = 1
     Case(2, 2, 14, 3, 8, 0, 9, 3, scores="ties"),                                    # C = 0: pure selection
     Case(3, 2, 25, 8, 8, 6, 7, 5, num_local=3, valid_len=(33, 14, 5), layout="strided", alpha=0.6),
-    Case(2, 1, 30, 2, 8, 5, 5, 9, valid_len=(10, 32), scores="ties", alpha=0.4),
-    Case(1, 2, 18, 6, 8, 5, 6, 5, num_local=6, scores="nan", alpha=0.9),             # l = H
+    Case(2, 1, 30, 2, 8, 5, 5, 9, valid_len=(10, 32), scores="ties", alpha=0.4, scores_dtype="float64"),
+    Case(1, 2, 18, 6, 8, 5, 6, 5, num_local=6, scores="nan", alpha=0.9, scores_dtype="float16"),  # l = H
     Case(2, 2, 40, 9, 8, 6, 7, 5, num_local=2, valid_len=(49, 30), scores="ties", alpha=0.15),
     Case(1, 3, 145, 0, 64, 64, 64, 21, layout="strided", alpha=0.65),                # SmolLM2 decode shape
 ]
@@ -236,8 +237,8 @@ _SMALL = Case(2, 2, 15, 6, 3, 4, 5, 3, bias_std=1.0, weight_scale=3.0, name="sma
 EDGE_CASES = [  # the kernel verification's odd shapes (SIMT forward; d % 8 != 0)
     _SMALL,
     dataclasses.replace(_SMALL, name="strided", layout="strided"),
-    dataclasses.replace(_SMALL, name="ties", scores="ties"),
-    dataclasses.replace(_SMALL, name="nan_scores", scores="nan"),
+    dataclasses.replace(_SMALL, name="ties", scores="ties", scores_dtype="float64"),
+    dataclasses.replace(_SMALL, name="nan_scores", scores="nan", scores_dtype="float64"),
     dataclasses.replace(_SMALL, name="k1", kernel=1),
     dataclasses.replace(_SMALL, name="L_eq_M", mem_len=5, new_len=4),
     dataclasses.replace(_SMALL, name="mem_empty", mem_len=0, new_len=12),
@@ -252,13 +253,14 @@ EDGE_CASES = [  # the kernel verification's odd shapes (SIMT forward; d % 8 != 0
     dataclasses.replace(_SMALL, name="C0", num_fused=0),
     dataclasses.replace(_SMALL, name="nonfinite", nonfinite=True),
     dataclasses.replace(_SMALL, name="long_k", mem_len=40, new_len=10, kernel=9, scores="ties"),
-    Case(1, 1, 300, 20, 2, 3, 7, 5, weight_scale=3.0, name="many_tiles"),
+    Case(1, 1, 300, 20, 2, 3, 7, 5, weight_scale=3.0, scores_dtype="bfloat16", name="many_tiles"),
 ]
 MMA_CASES = [  # d % 8 == 0: the tensor-core forward; several tiles and slot blocks, C padded
     Case(1, 2, 50, 30, 8, 20, 10, 5, weight_scale=3.0, name="mma_d8"),
     Case(1, 1, 100, 60, 16, 70, 20, 7, num_local=3, layout="strided", weight_scale=3.0, scores="ties",
-         name="mma_d16_multi"),
-    Case(2, 1, 90, 10, 8, 17, 9, 3, scores="nan", valid_len=(100, 40), weight_scale=3.0, name="mma_valid_nan"),
+         scores_dtype="bfloat16", name="mma_d16_multi"),
+    Case(2, 1, 90, 10, 8, 17, 9, 3, scores="nan", valid_len=(100, 40), weight_scale=3.0, scores_dtype="float16",
+         name="mma_valid_nan"),
     Case(1, 1, 70, 10, 136, 5, 4, 3, weight_scale=3.0, name="mma_d136"),  # 2d > 256: 32 slots per block
     Case(1, 1, 60, 20, 8, 40, 0, 21, scores="zeros", alpha=1.0, weight_scale=3.0, name="mma_rho1"),
     Case(2, 2, 40, 10, 8, 6, 6, 5, nonfinite=True, weight_scale=3.0, name="mma_nonfinite"),
