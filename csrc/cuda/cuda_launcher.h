@@ -17,16 +17,19 @@ class CudaLauncher {
   explicit CudaLauncher(const at::Device& device)
       : guard_(device), stream_(c10::cuda::getCurrentCUDAStream(device.index()).stream()) {
     const int index = device.index();
-    int major = 0, minor = 0, optin = 0;
+    int major = 0, minor = 0, optin = 0, multiprocessors = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, index));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, index));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, index));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, index));
+    multiprocessors_ = multiprocessors;
     compute_capability_ = 10 * major + minor;
     max_shared_memory_ = static_cast<size_t>(optin);
   }
 
   int compute_capability() const { return compute_capability_; }
   size_t max_shared_memory() const { return max_shared_memory_; }
+  int multiprocessor_count() const { return multiprocessors_; }
 
   template <typename... Params>
   void operator()(void (*kernel)(Params...), int64_t blocks, int threads, size_t shared_memory,
@@ -47,6 +50,7 @@ class CudaLauncher {
   cudaStream_t stream_;
   int compute_capability_ = 0;
   size_t max_shared_memory_ = 0;
+  int multiprocessors_ = 0;
 };
 
 }  // namespace lococo::cuda

@@ -85,6 +85,11 @@ struct FuseArgs {
   const T* alpha;     // one element
   T* out_k;           // [rows, H + C, d] contiguous
   T* out_v;
+  // Forward split over the positions (tensor-core path, small grids): each slot group's
+  // positions are shared by `splits` blocks, whose softmax statistics and unnormalised mixes
+  // go to `partial`, [rows, C, splits, kPartialO + 2d] floats, for mma_combine_kernel.
+  int splits = 1;
+  float* partial = nullptr;
   // Backward only.
   const T* grad_k;        // [rows, H + C, d] contiguous
   const T* grad_v;
@@ -108,6 +113,9 @@ struct FuseArgs {
     return ch < pb.d ? to_acc(k.at(j, ch)) : to_acc(v.at(j, ch - pb.d));
   }
 };
+
+// Layout of one block's share in FuseArgs::partial: running max, running sum, then the mix O.
+enum Partial { kPartialMax = 0, kPartialSum = 1, kPartialO = 2 };
 
 // Per (row, fused slot) statistics of the softmax, recomputed by the backward.
 enum Stat { kStatMax = 0, kStatSum = 1, kStatDot = 2, kStatAlpha = 3, kStatCount = 4 };

@@ -1,8 +1,9 @@
 // The launch sequence of lococo::fuse_kv and lococo::fuse_kv_backward on CUDA, written once
 // against a `Launcher` (the real one in fuse_kv_cuda.cu; tools/emulator runs the same sequence
 // on the CPU). A Launcher is built from the device after the argument checks; it holds the
-// device guard and stream, reports compute_capability() and max_shared_memory(), and launches
-// with launch(kernel, blocks, threads, shared_bytes, params...).
+// device guard and stream, reports compute_capability(), max_shared_memory() and
+// multiprocessor_count(), and launches with launch(kernel, blocks, threads, shared_bytes,
+// params...).
 //
 // Path choice: the tensor-core kernels (mma_forward.cuh, mma_backward.cuh) run for fp16, bf16
 // and fp32 on sm_80 and newer when d % 8 == 0, d <= 512 and their shared memory fits (the
@@ -255,15 +256,38 @@ inline bool use_mma(KernelPath path, const MmaPlan& plan) {
   return plan.why_not == nullptr;
 }
 
+// Blocks that share the positions of one slot group in the tensor-core forward: 1 when the
+// groups fill half the GPU, else enough to fill it, at most one per tile and kMaxSplits.
+inline int forward_splits(int multiprocessors, int64_t groups, int positions) {
+  constexpr int64_t kMaxSplits = 16;
+  if (groups * 2 > multiprocessors) return 1;
+  const int64_t fill = (multiprocessors + groups - 1) / groups;
+  return static_cast<int>(std::max<int64_t>(1, std::min({fill, int64_t{ceil_div(positions, kMmaTile)}, kMaxSplits})));
+}
+
 template <typename T, typename Launcher>
-void launch_mma_forward(Launcher& launch, const FuseArgs<T>& a, const at::Tensor& weight, const MmaPlan& plan) {
+void launch_mma_forward(Launcher& launch, const FuseArgs<T>& args, const at::Tensor& weight, const MmaPlan& plan) {
   if constexpr (!std::is_same_v<T, double>) {
+    const Problem& pb = args.pb;
     const at::Tensor w = mma_weights(weight, plan);
     const MmaWeights<T> mw = mma_weight_args<T>(w, plan);
-    const int64_t blocks = checked_blocks(a.pb.rows * (plan.c_pad / plan.slots_per_block), "mma_fuse_kernel");
+    const int64_t groups = int64_t{pb.rows} * (plan.c_pad / plan.slots_per_block);
+    FuseArgs<T> a = args;
+    a.splits = forward_splits(launch.multiprocessor_count(), groups, pb.rest_stride());
+    at::Tensor partial;
+    if (a.splits > 1) {
+      partial = at::empty({pb.rows, pb.num_fused, a.splits, kPartialO + pb.channels()},
+                          weight.options().dtype(at::kFloat));
+      a.partial = partial.data_ptr<float>();
+    }
+    const int64_t blocks = checked_blocks(groups * a.splits, "mma_fuse_kernel");
     with_slots_per_block(plan.slots_per_block, [&](auto cb) {
       launch(mma_fuse_kernel<T, cb.value, false>, blocks, kMmaThreads, plan.fuse_smem, a, mw);
     });
+    if (a.splits > 1) {
+      launch(mma_combine_kernel<T>, checked_blocks(int64_t{pb.rows} * pb.num_fused, "mma_combine_kernel"),
+             kCombineThreads, 0, a);
+    }
   }
 }
 

@@ -87,6 +87,20 @@ def weight_update_check() -> sanitize_case.Row:
                              result.ok, 0.0, result.detail)
 
 
+def unsplit_forward_checks(fast: bool):
+    """The tensor-core forward with one block per slot group (EMU_SM_COUNT=1): by default the
+    emulated GPU has 132 multiprocessors, so these small cases split their positions."""
+    os.environ["EMU_SM_COUNT"] = "1"
+    try:
+        for case in MMA_CASES:
+            for dtype in (torch.float32, torch.bfloat16) if fast else (torch.float32, torch.bfloat16, torch.float16):
+                row = sanitize_case.check_forward(torch.ops.lococo_emu.fuse_kv, case, dtype, "cpu", "mma")
+                row.check = "forward, unsplit"
+                yield row
+    finally:
+        del os.environ["EMU_SM_COUNT"]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reverse", action="store_true", help="run threads in reverse order between barriers")
@@ -100,7 +114,7 @@ def main(argv=None) -> int:
                                   cases=FAST_CASES if opts.fast else None,
                                   dtypes=(torch.float32, torch.bfloat16) if opts.fast else None)
     rows = []
-    for row in itertools.chain([limit_check(), weight_update_check()], checks):
+    for row in itertools.chain([limit_check(), weight_update_check()], checks, unsplit_forward_checks(opts.fast)):
         rows.append(row)
         print(sanitize_case.table([row]).splitlines()[2], flush=True)
     print(sanitize_case.table(rows).splitlines()[-1])

@@ -18,6 +18,11 @@ struct EmulatedLauncher {
   }
   int compute_capability() const { return 90; }
   size_t max_shared_memory() const { return 227 * 1024; }
+  // An H200's 132 by default; EMU_SM_COUNT changes it (1: the forward never splits positions).
+  int multiprocessor_count() const {
+    const char* v = std::getenv("EMU_SM_COUNT");
+    return v != nullptr ? std::atoi(v) : 132;
+  }
   template <typename... Params>
   void operator()(void (*kernel)(Params...), int64_t blocks, int threads, size_t shared_memory,
                   const Params&... params) const {
