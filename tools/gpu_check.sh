@@ -4,8 +4,8 @@
 # the CPU, run the CUDA tests, then compute-sanitizer. Made for a device window of about 8
 # minutes that returns at most 8 files from $OUT, so:
 #   * every step has its own time limit and the whole run has GPU_CHECK_BUDGET_S (480 s); a step
-#     never runs past what is left, and a failing step never stops the later ones (only a failed
-#     build or import does: nothing after them can run);
+#     also gets what earlier steps left unused, never runs past what is left, and a failing step
+#     never stops the later ones (only a failed build or import does: nothing can run after them);
 #   * $OUT receives exactly the files listed in the plan, rewritten after every step, so a run
 #     killed from outside still returns everything up to its last finished step.
 # Without a GPU (or with GPU_CHECK_PLAN_ONLY=1) it prints the plan and exits 0.
@@ -66,6 +66,16 @@ limit_of() {  # limit_of STEP: the planned limit of a step
   done
   echo "gpu_check: no step named $1 in the plan" >&2
   exit 2
+}
+
+reserved_after() {  # reserved_after STEP: the planned limits of the steps after it, summed
+  local entry name limit what after=0 total=0
+  for entry in "${PLAN[@]}"; do
+    IFS='|' read -r name limit what <<<"$entry"
+    ((after)) && total=$((total + limit))
+    [[ $name == "$1" ]] && after=1
+  done
+  echo "$total"
 }
 
 print_plan
@@ -180,8 +190,9 @@ write_outputs() {  # summary.md and logs.tgz as they stand now
   tar -czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null
 }
 
-# step NAME LOG COMMAND...: runs COMMAND with its output in LOG, within the step's limit and
-# what is left of the budget; records a row and rewrites the outputs.
+# step NAME LOG COMMAND...: runs COMMAND with its output in LOG; records a row and rewrites the
+# outputs. Its limit is its planned one plus what earlier steps left unused (what is left of
+# the budget less the planned limits of the later steps), and never more than is left.
 step() {
   local name=$1 log=$2 limit start=$SECONDS rc status left
   shift 2
@@ -193,6 +204,7 @@ step() {
     write_outputs
     return 1
   fi
+  ((left - $(reserved_after "$name") > limit)) && limit=$((left - $(reserved_after "$name")))
   ((limit > left)) && limit=$left
   echo "gpu_check: $name (limit ${limit}s) ..."
   timeout --kill-after=5 "$limit" "$@" >"$LOGS/$log" 2>&1
