@@ -91,12 +91,27 @@ def test_layer_compressor_initialisation_and_dtype_cast():
     assert layer.weight.shape == (32, 32, 7) and layer.alpha.item() == 0.5
     assert torch.equal(layer.bias, torch.zeros(32))
     assert abs(layer.weight.std().item() - 0.5) < 0.02
+    with torch.no_grad():  # a bias and an alpha that no symmetry hides
+        layer.bias.normal_(0.0, 0.3)
+        layer.alpha.fill_(0.8)
     x = torch.randn(1, 2, 40, 16, dtype=torch.bfloat16)
-    k, v = layer(x, x, x[:, :, :0], x[:, :, :0], torch.rand(1, 2, 40), num_heavy=8)
+    scores = torch.rand(1, 2, 40)
+    k, v = layer(x, x, x[:, :, :0], x[:, :, :0], scores, num_heavy=8)
     assert k.dtype == torch.bfloat16 and k.shape == (1, 2, 40, 16)
-    k.float().sum().backward()
-    assert layer.weight.grad.dtype == torch.float32 and layer.alpha.grad is not None
+    grad_k, grad_v = torch.randn(k.shape), torch.randn(v.shape)
+    torch.autograd.backward((k, v), (grad_k.to(k.dtype), grad_v.to(v.dtype)))
+    params = (layer.weight, layer.bias, layer.alpha)
+    assert all(p.grad.dtype == torch.float32 for p in params)
 
+    # The same gradients in float64, with the parameters rounded to bfloat16 as the layer casts
+    # them: the layer's may differ by bfloat16's rounding of the outputs and gradients only.
+    exact = [p.detach().to(torch.bfloat16).double().requires_grad_() for p in params]
+    xd = x.double()
+    ek, ev = reference.fuse_kv(xd, xd, xd[:, :, :0], xd[:, :, :0], scores, exact[0], exact[1], exact[2], 8)
+    torch.autograd.backward((ek, ev), (grad_k.to(torch.bfloat16).double(), grad_v.to(torch.bfloat16).double()))
+    for p, e in zip(params, exact):
+        scale = e.grad.abs().max().item()
+        torch.testing.assert_close(p.grad.double(), e.grad, rtol=0, atol=4 * torch.finfo(torch.bfloat16).eps * scale)
 
 def brute_force_row(keys, values, scores, weight, bias, alpha, num_heavy, num_local, num_valid):
     """One row of the algorithm written out with Python loops, independent of the reference:
