@@ -116,3 +116,14 @@ def test_steps_never_run_past_the_budget(tmp_path):
     assert result.returncode == 1
     assert rows["build"] == "ok" and rows["verify"].startswith("**TIMEOUT**")
     assert rows["synccheck"] == "skipped: out of time"
+
+
+def test_without_ninja_the_build_gets_more_time(tmp_path):
+    """torch compiles the sources one after another without ninja: the build may use 330 s."""
+    env = stand_in_gpu(tmp_path, '#!/bin/sh\ncase "$*" in *is_ninja_available*) exit 1;; *setup.py*) exit 7;; esac\n'
+                                 'exit 0\n')
+    result = run(env, tmp_path)
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert result.returncode == 1
+    assert "| build | **FAILED** (exit 7) | 0 | 330 | build.log |" in summary
+    assert "- ninja: no" in summary
