@@ -1,7 +1,7 @@
 # The two commands of a fresh machine: `make demo` (the main job) and `make test`.
 PY := .venv/bin/python
 
-.PHONY: setup demo test bench wheels clean
+.PHONY: setup demo test emulator bench gpu-check wheels clean
 
 setup:
 	bash scripts/setup.sh
@@ -12,6 +12,16 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+	$(PY) tools/emulator/check_emulated.py --fast
+
+# The CUDA kernels run on the CPU against the reference: every check, threads in both orders.
+emulator: setup
+	$(PY) tools/emulator/check_emulated.py
+	$(PY) tools/emulator/check_emulated.py --reverse
+
+# On a machine with an NVIDIA GPU (prints its plan and exits 0 elsewhere).
+gpu-check:
+	PYTHON=$(abspath $(PY)) bash tools/gpu_check.sh
 
 bench: setup
 	$(PY) benchmarks/bench_fuse_kv.py

@@ -41,7 +41,7 @@ def cuda_variant() -> dict | None:
         if variant["cuda"] == major_minor:
             return variant
     label = "cu" + major_minor.replace(".", "")
-    return {"label": label, "cuda": major_minor, "arch_list": "8.0;9.0"}
+    return {"label": label, "cuda": major_minor, "arch_list": "8.0;9.0"}  # a toolkit the matrix does not list
 
 
 def default_max_jobs() -> int:
@@ -76,7 +76,6 @@ extension_kwargs = {}
 if VARIANT:
     archs = os.environ["TORCH_CUDA_ARCH_LIST"]
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
-    sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cpp"))
     cxx_flags += ["-DLOCOCO_WITH_CUDA", f'-DLOCOCO_CUDA_ARCHS="{archs}"']
     # torch's own CUDA headers (cusparse.h and friends) when the toolkit lacks them.
     nvidia = Path(torch.__file__).parent.parent / "nvidia"

@@ -4,6 +4,9 @@
 
 #include <c10/util/Exception.h>
 
+#include <cstdint>
+#include <string>
+
 namespace lococo {
 namespace {
 
@@ -27,7 +30,7 @@ FuseKvShape check_fuse_kv_args(const at::Tensor& mem_k, const at::Tensor& mem_v,
                                const at::Tensor& scores, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias, const at::Tensor& alpha,
                                int64_t num_heavy, int64_t num_local,
-                               const std::optional<at::Tensor>& valid_len) {
+                               const std::optional<at::Tensor>& valid_len, bool check_values) {
   const auto dtype = mem_k.scalar_type();
   TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 ||
                   dtype == at::kDouble,
@@ -78,7 +81,10 @@ FuseKvShape check_fuse_kv_args(const at::Tensor& mem_k, const at::Tensor& mem_v,
   TORCH_CHECK_VALUE(num_heavy >= 0, "fuse_kv: num_heavy must be >= 0, got ", num_heavy);
   TORCH_CHECK_VALUE(num_local >= 0 && num_local <= num_heavy, "fuse_kv: num_local must be in [0, num_heavy = ",
               num_heavy, "], got ", num_local);
-  TORCH_CHECK_VALUE(num_heavy + c <= la + lb, "fuse_kv: num_heavy + C = ", num_heavy + c,
+  // Compared without forming num_heavy + C, which overflows for num_heavy near INT64_MAX.
+  TORCH_CHECK_VALUE(num_heavy <= la + lb - c, "fuse_kv: num_heavy + C = ",
+              num_heavy <= INT64_MAX - c ? std::to_string(num_heavy + c)
+                                         : std::to_string(num_heavy) + " + " + std::to_string(c),
               " slots exceed the La + Lb = ", la + lb, " cached entries");
   if (valid_len.has_value()) {
     TORCH_CHECK_VALUE(valid_len->scalar_type() == at::kLong, "fuse_kv: valid_len must be int64, got ",
@@ -86,7 +92,7 @@ FuseKvShape check_fuse_kv_args(const at::Tensor& mem_k, const at::Tensor& mem_v,
     TORCH_CHECK_VALUE(valid_len->dim() == 1 && valid_len->size(0) == b, "fuse_kv: valid_len must be [", b,
                 "], got ", valid_len->sizes());
     check_same_device(*valid_len, "valid_len", mem_k);
-    if (valid_len->numel() > 0) {  // one host sync on accelerators: a wrong count corrupts rows
+    if (check_values && valid_len->numel() > 0) {
       const auto lo = valid_len->min().item<int64_t>(), hi = valid_len->max().item<int64_t>();
       TORCH_CHECK_VALUE(lo >= 0 && hi <= la + lb, "fuse_kv: valid_len entries must be in [0, La + Lb = ",
                   la + lb, "], got values in [", lo, ", ", hi, "]");

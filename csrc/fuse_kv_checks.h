@@ -15,13 +15,16 @@ struct FuseKvShape {
   int64_t slots() const { return num_heavy + num_fused; }
 };
 
-// Throws a c10::Error naming the offending argument and what was expected.
+// Throws a c10::ValueError naming the offending argument and what was expected. The values of
+// valid_len are read (a host sync on accelerators) only with check_values; the CUDA launcher
+// skips that read, so that the op never waits for the device, and its kernels clamp each
+// length to [0, La + Lb] as the reference does.
 FuseKvShape check_fuse_kv_args(const at::Tensor& mem_k, const at::Tensor& mem_v,
                                const at::Tensor& new_k, const at::Tensor& new_v,
                                const at::Tensor& scores, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias, const at::Tensor& alpha,
                                int64_t num_heavy, int64_t num_local,
-                               const std::optional<at::Tensor>& valid_len);
+                               const std::optional<at::Tensor>& valid_len, bool check_values = true);
 
 // The gradients of the two outputs must have the shape of the outputs.
 void check_fuse_kv_grads(const at::Tensor& grad_k, const at::Tensor& grad_v,

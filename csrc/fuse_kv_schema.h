@@ -1,5 +1,5 @@
 // The schemas of lococo's ops, as text: csrc/ops.cpp defines them in the lococo namespace and the
-// CUDA emulation (csrc/cuda/emulation) in its own, from this one copy.
+// CUDA emulator (tools/emulator) in its own, from this one copy.
 #pragma once
 
 #define LOCOCO_FUSE_KV_SCHEMA                                                                  \

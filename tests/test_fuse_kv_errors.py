@@ -1,4 +1,4 @@
-"""Every bad input of SPEC section 4 raises a ValueError that names the argument."""
+"""Every bad input of the op raises a ValueError that names the argument, on every entry point."""
 
 import re
 
@@ -8,8 +8,9 @@ import torch
 import lococo
 from lococo.ops import library as _library
 
+from lococo.ops.testing import Case, make_args
+
 from conftest import kernel_devices
-from fuse_kv_samples import Case, make_args
 
 CASE = Case(2, 3, 10, 4, 8, 4, 5, 3, num_local=1, valid_len=(14, 7))
 
@@ -41,6 +42,7 @@ BAD = {
     "alpha shape": (lambda a: with_arg(a, 7, a[7].expand(2)), "alpha must be a 0-d or 1-element"),
     "alpha dtype": (lambda a: with_arg(a, 7, a[7].double()), "alpha has dtype"),
     "too many slots": (lambda a: with_arg(a, 8, 11), "num_heavy + C = 15 slots exceed"),
+    "num_heavy near INT64_MAX": (lambda a: with_arg(a, 8, 2**63 - 1), "slots exceed the La + Lb = 14"),
     "negative heavy": (lambda a: with_arg(with_arg(a, 8, -1), 9, 0), "num_heavy must be >= 0"),
     "local above heavy": (lambda a: with_arg(a, 9, 6), "num_local must be in [0, num_heavy = 5]"),
     "valid_len dtype": (lambda a: with_arg(a, 10, a[10].int()), "valid_len must be int64"),
@@ -52,6 +54,7 @@ BAD = {
 ENTRY_POINTS = {
     "torch.ops": lambda *a: torch.ops.lococo.fuse_kv(*a),
     "reference fallback": lambda *a: lococo.fuse_kv(*a),
+    "lococo.reference": lambda *a: lococo.reference.fuse_kv(*a),
 }
 
 
@@ -77,3 +80,24 @@ def test_mixed_devices_are_refused(device, seed):
     other = "cpu" if device == "cuda" else "cuda"
     with pytest.raises(ValueError, match="fuse_kv: weight is on"):
         torch.ops.lococo.fuse_kv(*with_arg(args, 5, args[5].to(other)))
+
+
+def test_reference_refuses_more_slots_than_entries(seed):
+    """It used to return 23 slots for num_heavy = 20 over 12 entries."""
+    args = make_args(Case(1, 1, 8, 4, 4, 3, 5, 3), "cpu", torch.float32, seed)
+    with pytest.raises(ValueError, match=re.escape("fuse_kv: num_heavy + C = 23 slots exceed the La + Lb = 12")):
+        lococo.reference.fuse_kv(*with_arg(args, 8, 20))
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and lococo.has_kernel("cuda")), reason="needs the CUDA kernels")
+def test_cuda_32_bit_index_limit_is_a_value_error():
+    """2^31 entries (stride-0 views: no memory) exceed the kernels' 32-bit positions.
+    tools/emulator/check_emulated.py checks the same on the CPU emulation of the kernels."""
+    L = 2**31
+    entries = torch.zeros(1, 1, 1, 1, device="cuda").expand(1, 1, L, 1)
+    empty = torch.zeros(1, 1, 0, 1, device="cuda")
+    scores = torch.zeros(1, device="cuda").expand(1, 1, L)
+    weight = torch.zeros(1, 2, 1, device="cuda")
+    with pytest.raises(ValueError, match="32-bit integers"):
+        torch.ops.lococo.fuse_kv(entries, entries, empty, empty, scores, weight, None,
+                                 torch.tensor(0.5, device="cuda"), 1, 0, None)

@@ -2,8 +2,8 @@
 //
 // Free of torch types: element types come in as template parameters and matrix products go
 // through a caller-supplied `Gemm` (row-major C = op(A) @ op(B) + beta * C), so this file
-// reads as the algorithm of SPEC section 2 and nothing else. Accumulation type `Acc` is
-// float for fp32/fp16/bf16 inputs and double for fp64.
+// reads as the algorithm of docs/design.md#the-compressor and nothing else. Accumulation type
+// `Acc` is float for fp32/fp16/bf16 inputs and double for fp64.
 #pragma once
 
 #include <algorithm>
@@ -33,7 +33,7 @@ struct RowCache {
   }
 };
 
-// Ranking of SPEC section 2: non-NaN before NaN, larger score first, lower index on ties.
+// Ranking of docs/design.md#ranking: non-NaN before NaN, larger score first, lower index on ties.
 inline bool ranks_before(double sa, int64_t a, double sb, int64_t b) {
   const bool na = std::isnan(sa), nb = std::isnan(sb);
   if (na != nb) return nb;
@@ -57,7 +57,7 @@ struct Selection {
   std::vector<int64_t> heavy, rest, picks;
 };
 
-// Steps 1-3 of SPEC section 2 for a row whose valid entries are [start, L).
+// Steps 1-3 of docs/design.md#the-compressor for a row whose valid entries are [start, L).
 inline void select_entries(const double* scores, int64_t L, int64_t start, int64_t num_heavy,
                            int64_t num_local, int64_t num_fused, Selection& sel) {
   sel.heavy.clear();

@@ -1,25 +1,21 @@
 // Device-side building blocks of the fuse_kv kernels: element conversions, the score ordering
 // key, and warp and block reductions and scans.
 //
-// Every kernel takes all of its shared memory from one dynamic buffer (LOCOCO_SHARED_BUFFER),
+// Every kernel takes all of its shared memory from one dynamic buffer (dynamic_shared_memory()),
 // carved with SharedCarver; no kernel declares static __shared__ arrays. That keeps the sizes
-// explicit on the host side (each layout is computed by the same code on host and device) and
-// lets emulation/ run these kernels on the CPU for tests on machines without a GPU.
+// explicit on the host side (each layout is computed by the same code on host and device), and
+// it is the one seam through which tools/emulator runs these kernels on the CPU: it defines the
+// buffer and the CUDA built-ins, and includes this header unchanged.
 #pragma once
 
-#ifdef LOCOCO_HOST_EMULATION
-#include "emulation/emulation.h"
-#define LOCOCO_SHARED_BUFFER(name) unsigned char* name = ::emu::shared_buffer()
-#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
-#define LOCOCO_SHARED_BUFFER(name) extern __shared__ __align__(128) unsigned char name[]
-#endif
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -28,7 +24,7 @@ namespace lococo::cuda {
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-// Accumulation type: float for fp32/fp16/bf16, double for fp64 (SPEC section 4).
+// Accumulation type: float for fp32/fp16/bf16, double for fp64 (docs/design.md#dtypes-and-accumulation).
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
@@ -64,13 +60,27 @@ __device__ __forceinline__ Acc relu_keep_nan(Acc x) {
   return x > Acc(0) || x != x ? x : Acc(0);
 }
 
-// Monotone 64-bit key of a score: larger score, larger key; NaN lowest; -0 equals +0.
-// Equal keys are ranked by position (lower first) by the selection code.
-__device__ __forceinline__ uint64_t score_key(double s) {
+// Monotone key of a score: larger score, larger key; NaN lowest; -0 equals +0. Equal keys are
+// ranked by position (lower first) by the selection code. float64 scores get 64-bit keys;
+// float32, float16 and bfloat16 scores (exact in float) get 32-bit keys.
+template <typename Bits, typename F>
+__device__ __forceinline__ Bits ordered_bits(F s) {
+  constexpr Bits kSign = Bits{1} << (8 * sizeof(Bits) - 1);
   if (s != s) return 0;
-  if (s == 0.0) s = 0.0;
-  const uint64_t bits = static_cast<uint64_t>(__double_as_longlong(s));
-  return (bits >> 63) ? ~bits : (bits | (uint64_t{1} << 63));
+  if (s == F(0)) s = F(0);
+  Bits bits;
+  memcpy(&bits, &s, sizeof bits);
+  return (bits & kSign) ? ~bits : (bits | kSign);
+}
+__device__ __forceinline__ uint64_t score_key(double s) { return ordered_bits<uint64_t>(s); }
+__device__ __forceinline__ uint32_t score_key(float s) { return ordered_bits<uint32_t>(s); }
+__device__ __forceinline__ uint32_t score_key(__half s) { return score_key(__half2float(s)); }
+__device__ __forceinline__ uint32_t score_key(__nv_bfloat16 s) { return score_key(__bfloat162float(s)); }
+
+// The block's dynamic shared memory (the size is given at launch).
+__device__ __forceinline__ unsigned char* dynamic_shared_memory() {
+  extern __shared__ __align__(128) unsigned char lococo_dynamic_shared[];
+  return lococo_dynamic_shared;
 }
 
 // Hands out aligned pieces of one shared-memory buffer. Host code uses the same type with a
@@ -108,18 +118,19 @@ __host__ __device__ constexpr size_t block_scratch_count(int threads) {
   return static_cast<size_t>(threads / kWarpSize + 1);
 }
 
-// Sum over the block in a fixed order (warps, then warp totals), the same on every run. The
-// result is returned to every thread. Every thread of the block must call it.
-template <typename V>
-__device__ V block_sum(V v, V* scratch) {
+// Reduces one value per thread over the block in a fixed order (warps, then warp totals), the
+// same on every run, with `combine` and its warp version `warp_combine`. The result is returned
+// to every thread. Every thread of the block must call it.
+template <typename V, typename Combine, typename WarpCombine>
+__device__ V block_reduce(V v, V* scratch, Combine combine, WarpCombine warp_combine) {
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int warps = blockDim.x / kWarpSize;
-  v = warp_sum(v);
+  v = warp_combine(v);
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
   if (threadIdx.x == 0) {
     V total = scratch[0];
-    for (int w = 1; w < warps; ++w) total += scratch[w];
+    for (int w = 1; w < warps; ++w) total = combine(total, scratch[w]);
     scratch[warps] = total;
   }
   __syncthreads();
@@ -128,23 +139,15 @@ __device__ V block_sum(V v, V* scratch) {
   return total;
 }
 
-// Maximum over the block (NaN is ignored, as by fmax); same contract as block_sum.
+template <typename V>
+__device__ V block_sum(V v, V* scratch) {
+  return block_reduce(v, scratch, [](V x, V y) { return x + y; }, [](V x) { return warp_sum(x); });
+}
+
+// Maximum over the block (NaN is ignored, as by fmax).
 template <typename V>
 __device__ V block_max(V v, V* scratch) {
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  const int warps = blockDim.x / kWarpSize;
-  v = warp_max(v);
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    V total = scratch[0];
-    for (int w = 1; w < warps; ++w) total = max_acc(total, scratch[w]);
-    scratch[warps] = total;
-  }
-  __syncthreads();
-  const V total = scratch[warps];
-  __syncthreads();
-  return total;
+  return block_reduce(v, scratch, [](V x, V y) { return max_acc(x, y); }, [](V x) { return warp_max(x); });
 }
 
 // Exclusive prefix sum of one int per thread in thread order; *total gets the block's sum.

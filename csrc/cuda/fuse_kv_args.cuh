@@ -27,6 +27,8 @@ struct RowEntries {
   __device__ __forceinline__ T& at(int j, int c) const {
     return j < mem_len ? mem[j * mem_seq + c * mem_dim] : fresh[(j - mem_len) * new_seq + c * new_dim];
   }
+  // The distance between the features of entry j (1 where it is contiguous along d).
+  __device__ __forceinline__ int64_t dim_stride(int j) const { return j < mem_len ? mem_dim : new_dim; }
 };
 
 // Keys or values (or their gradients) of every row.
@@ -61,6 +63,15 @@ struct Selection {
   int32_t* pick_slot;  // [rows, rest_stride] the slot that picks R[i], or -1
 };
 
+// What every kernel over the rest R of one row reads first: n, the count of R's entries (< 0
+// or less than C when the row is kept whole and nothing is fused), R's positions and the cache.
+template <typename T>
+struct RowRest {
+  int n;
+  const int32_t* rest;  // [n] positions of R, ascending
+  RowEntries<const T> keys, values;
+};
+
 // Inputs and outputs of the forward, and the extra ones of the backward.
 template <typename T>
 struct FuseArgs {
@@ -68,12 +79,17 @@ struct FuseArgs {
   Problem pb;
   Selection sel;
   CacheEntries<const T> keys, values;
-  const Acc* weight;  // [C, 2d, k] contiguous, accumulation type
-  const Acc* weight_by_tap;  // [k, C, 2d] the same, for the tensor-core backward (else nullptr)
-  const Acc* bias;    // [C] or nullptr
-  const Acc* alpha;   // one element
+  const T* weight;    // [C, 2d, k] contiguous, read by the generic kernels
+  const Acc* weight_by_tap;  // [k, C, 2d] the same in Acc, for the tensor-core backward (else nullptr)
+  const T* bias;      // [C] or nullptr
+  const T* alpha;     // one element
   T* out_k;           // [rows, H + C, d] contiguous
   T* out_v;
+  // Forward split over the positions (tensor-core path, small grids): each slot group's
+  // positions are shared by `splits` blocks, whose softmax statistics and unnormalised mixes
+  // go to `partial`, [rows, C, splits, kPartialO + 2d] floats, for mma_combine_kernel.
+  int splits = 1;
+  float* partial = nullptr;
   // Backward only.
   const T* grad_k;        // [rows, H + C, d] contiguous
   const T* grad_v;
@@ -87,11 +103,19 @@ struct FuseArgs {
   Acc* grad_bias;         // [C]
   Acc* grad_alpha;        // [1]
 
+  __device__ __forceinline__ RowRest<T> row_rest(int row) const {
+    return {sel.valid[row] - pb.num_heavy, sel.rest + static_cast<int64_t>(row) * pb.rest_stride(), keys.row(row),
+            values.row(row)};
+  }
+
   __device__ __forceinline__ Acc x_at(const RowEntries<const T>& k, const RowEntries<const T>& v, int j,
                                       int ch) const {
     return ch < pb.d ? to_acc(k.at(j, ch)) : to_acc(v.at(j, ch - pb.d));
   }
 };
+
+// Layout of one block's share in FuseArgs::partial: running max, running sum, then the mix O.
+enum Partial { kPartialMax = 0, kPartialSum = 1, kPartialO = 2 };
 
 // Per (row, fused slot) statistics of the softmax, recomputed by the backward.
 enum Stat { kStatMax = 0, kStatSum = 1, kStatDot = 2, kStatAlpha = 3, kStatCount = 4 };

@@ -1,54 +1,18 @@
-// CUDA registration of lococo::fuse_kv and lococo::fuse_kv_backward: a device guard, the
-// current stream, and kernel launches with their error checks. The sequence of kernels is in
-// fuse_kv_launch.h.
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+// CUDA registration of lococo::fuse_kv and lococo::fuse_kv_backward. The sequence of kernels is
+// in fuse_kv_launch.h; the kernels of each element type are compiled in their own translation
+// unit (fuse_kv_cuda_<type>.cu), so that a build runs them in parallel.
 #include <torch/library.h>
 
-#include "fuse_kv_launch.h"
+#include "cuda_launcher.h"
 
 namespace lococo::cuda {
+
+LOCOCO_FUSE_KV_KERNELS(extern, float, CudaLauncher);
+LOCOCO_FUSE_KV_KERNELS(extern, double, CudaLauncher);
+LOCOCO_FUSE_KV_KERNELS(extern, __half, CudaLauncher);
+LOCOCO_FUSE_KV_KERNELS(extern, __nv_bfloat16, CudaLauncher);
+
 namespace {
-
-constexpr size_t kDefaultSharedMemory = 48 * 1024;
-
-class CudaLauncher {
- public:
-  explicit CudaLauncher(const at::Device& device)
-      : guard_(device), stream_(c10::cuda::getCurrentCUDAStream(device.index()).stream()) {
-    const int index = device.index();
-    int major = 0, minor = 0, optin = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, index));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, index));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, index));
-    compute_capability_ = 10 * major + minor;
-    max_shared_memory_ = static_cast<size_t>(optin);
-  }
-
-  int compute_capability() const { return compute_capability_; }
-  size_t max_shared_memory() const { return max_shared_memory_; }
-
-  template <typename... Params>
-  void operator()(void (*kernel)(Params...), int64_t blocks, int threads, size_t shared_memory,
-                  const Params&... params) const {
-    TORCH_CHECK(shared_memory <= max_shared_memory_, "fuse_kv: a kernel needs ", shared_memory,
-                " bytes of shared memory but this GPU allows ", max_shared_memory_,
-                " per block (the head dim is too large for the generic CUDA kernel)");
-    if (shared_memory > kDefaultSharedMemory) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(shared_memory)));
-    }
-    kernel<<<static_cast<unsigned>(blocks), threads, shared_memory, stream_>>>(params...);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-
- private:
-  c10::cuda::CUDAGuard guard_;
-  cudaStream_t stream_;
-  int compute_capability_ = 0;
-  size_t max_shared_memory_ = 0;
-};
 
 std::tuple<at::Tensor, at::Tensor> fuse_kv_cuda(
     const at::Tensor& mem_k, const at::Tensor& mem_v, const at::Tensor& new_k, const at::Tensor& new_v,

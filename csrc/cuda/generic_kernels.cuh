@@ -9,55 +9,77 @@
 
 namespace lococo::cuda {
 
-constexpr int kCopyThreads = 256;
 constexpr int kGenericThreads = 128;
+constexpr int kCopyThreads = 128;
+constexpr int kCopySlotsPerBlock = 16;  // blocks per row: ceil(M / 16)
+constexpr int kCopyThreadsPerSlot = kCopyThreads / kCopySlotsPerBlock;
 
-// Heavy-hitter slots of compressed rows, and every slot of rows kept whole (right-aligned,
-// zeros in front). Forward: cache -> out. One block per row.
+// What one thread of copy_kept_kernel or scatter_kept_grad_kernel moves: kept slot s of a row
+// (block b of a row takes slots 16 b .. 16 b + 15) and the entry behind it: heavy hitter s of a
+// compressed row, or entry L - M + s of a row kept whole (right-aligned); entry -1 for the zero
+// slots in front of a short row. `slot` is the offset of the slot in the [rows, M, d] outputs.
+struct KeptSlot {
+  bool active;
+  int row, entry, part;
+  int64_t slot;
+};
+
 template <typename T>
-__global__ void __launch_bounds__(kCopyThreads) copy_kept_kernel(FuseArgs<T> a) {
+__device__ __forceinline__ KeptSlot kept_slot(const FuseArgs<T>& a) {
   const Problem& pb = a.pb;
-  const int row = blockIdx.x, d = pb.d, M = pb.slots(), L = pb.length;
+  const int M = pb.slots(), blocks_per_row = ceil_div(M, kCopySlotsPerBlock);
+  const int row = blockIdx.x / blocks_per_row;
+  const int s = (blockIdx.x - row * blocks_per_row) * kCopySlotsPerBlock + threadIdx.x / kCopyThreadsPerSlot;
   const int n_valid = a.sel.valid[row];
   const bool whole = n_valid < M;
-  const auto keys = a.keys.row(row), values = a.values.row(row);
-  T* out_k = a.out_k + static_cast<int64_t>(row) * M * d;
-  T* out_v = a.out_v + static_cast<int64_t>(row) * M * d;
-  const int32_t* heavy = a.sel.heavy + static_cast<int64_t>(row) * pb.num_heavy;
-  const int count = (whole ? M : pb.num_heavy) * d;
-  const int first = M - n_valid;  // rows kept whole: slot s holds entry L - M + s from here on
-  for (int e = threadIdx.x; e < count; e += blockDim.x) {
-    const int s = e / d, c = e - s * d;
-    if (whole) {
-      const bool ok = s >= first;
-      out_k[e] = ok ? keys.at(L - M + s, c) : from_acc<T>(0);
-      out_v[e] = ok ? values.at(L - M + s, c) : from_acc<T>(0);
-    } else {
-      out_k[e] = keys.at(heavy[s], c);
-      out_v[e] = values.at(heavy[s], c);
-    }
+  if (s >= (whole ? M : pb.num_heavy)) return {false, row, -1, 0, 0};
+  const int entry = whole ? (s >= M - n_valid ? pb.length - M + s : -1)
+                          : a.sel.heavy[static_cast<int64_t>(row) * pb.num_heavy + s];
+  return {true, row, entry, static_cast<int>(threadIdx.x % kCopyThreadsPerSlot),
+          (static_cast<int64_t>(row) * M + s) * pb.d};
+}
+
+// Copies the d features of one entry (to[c * to_stride] = from[c * from_stride]; zeros when
+// from is null), split over the kCopyThreadsPerSlot threads of the slot: 16 bytes at a time
+// where both sides are contiguous and aligned, several loads in flight per thread.
+template <typename T>
+__device__ __forceinline__ void copy_entry(T* __restrict__ to, int64_t to_stride, const T* __restrict__ from,
+                                           int64_t from_stride, int d, int part) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vectors = d % kVec == 0 && to_stride == 1 && from_stride == 1 &&
+                       reinterpret_cast<uintptr_t>(to) % 16 == 0 &&
+                       (from == nullptr || reinterpret_cast<uintptr_t>(from) % 16 == 0);
+  if (vectors) {
+    auto* to4 = reinterpret_cast<uint4*>(to);
+    const auto* from4 = reinterpret_cast<const uint4*>(from);
+#pragma unroll 4
+    for (int v = part; v < d / kVec; v += kCopyThreadsPerSlot) to4[v] = from ? from4[v] : make_uint4(0, 0, 0, 0);
+  } else {
+    for (int c = part; c < d; c += kCopyThreadsPerSlot) to[c * to_stride] = from ? from[c * from_stride] : from_acc<T>(0);
   }
+}
+
+// Heavy-hitter slots of compressed rows, and every slot of rows kept whole (right-aligned,
+// zeros in front). Forward: cache -> out, several blocks per row.
+template <typename T>
+__global__ void __launch_bounds__(kCopyThreads) copy_kept_kernel(FuseArgs<T> a) {
+  const KeptSlot k = kept_slot(a);
+  if (!k.active) return;  // no barriers in this kernel
+  const auto keys = a.keys.row(k.row), values = a.values.row(k.row);
+  const int j = k.entry, d = a.pb.d;
+  copy_entry(a.out_k + k.slot, 1, j < 0 ? nullptr : &keys.at(j, 0), j < 0 ? 1 : keys.dim_stride(j), d, k.part);
+  copy_entry(a.out_v + k.slot, 1, j < 0 ? nullptr : &values.at(j, 0), j < 0 ? 1 : values.dim_stride(j), d, k.part);
 }
 
 // The backward of copy_kept_kernel: gradients of those slots go back to their entries.
 template <typename T>
 __global__ void __launch_bounds__(kCopyThreads) scatter_kept_grad_kernel(FuseArgs<T> a) {
-  const Problem& pb = a.pb;
-  const int row = blockIdx.x, d = pb.d, M = pb.slots(), L = pb.length;
-  const int n_valid = a.sel.valid[row];
-  const bool whole = n_valid < M;
-  const auto d_keys = a.d_keys.row(row), d_values = a.d_values.row(row);
-  const T* grad_k = a.grad_k + static_cast<int64_t>(row) * M * d;
-  const T* grad_v = a.grad_v + static_cast<int64_t>(row) * M * d;
-  const int32_t* heavy = a.sel.heavy + static_cast<int64_t>(row) * pb.num_heavy;
-  const int first = whole ? M - n_valid : 0;
-  const int end = (whole ? M : pb.num_heavy) * d;
-  for (int e = first * d + threadIdx.x; e < end; e += blockDim.x) {
-    const int s = e / d, c = e - s * d;
-    const int j = whole ? L - M + s : heavy[s];
-    d_keys.at(j, c) = grad_k[e];
-    d_values.at(j, c) = grad_v[e];
-  }
+  const KeptSlot k = kept_slot(a);
+  if (!k.active || k.entry < 0) return;  // a zero slot has no entry behind it
+  const auto d_keys = a.d_keys.row(k.row), d_values = a.d_values.row(k.row);
+  const int j = k.entry, d = a.pb.d;
+  copy_entry(&d_keys.at(j, 0), d_keys.dim_stride(j), a.grad_k + k.slot, 1, d, k.part);
+  copy_entry(&d_values.at(j, 0), d_values.dim_stride(j), a.grad_v + k.slot, 1, d, k.part);
 }
 
 // Pre-ReLU convolution output Z[c, i] of position i of R (bias included).
@@ -68,14 +90,14 @@ __device__ __forceinline__ acc_t<T> conv_at(const FuseArgs<T>& a, const RowEntri
   using Acc = acc_t<T>;
   const Problem& pb = a.pb;
   const int d = pb.d, k = pb.kernel, pad = pb.pad();
-  Acc z = a.bias ? a.bias[c] : Acc(0);
-  const Acc* w = a.weight + static_cast<int64_t>(c) * pb.channels() * k;  // W[c, ch, t]
+  Acc z = a.bias ? to_acc(a.bias[c]) : Acc(0);
+  const T* w = a.weight + static_cast<int64_t>(c) * pb.channels() * k;  // W[c, ch, t]
   for (int t = 0; t < k; ++t) {
     const int src = i + t - pad;
     if (src < 0 || src >= n) continue;
     const int j = rest[src];
-    for (int ch = 0; ch < d; ++ch) z += w[ch * k + t] * to_acc(keys.at(j, ch));
-    for (int ch = 0; ch < d; ++ch) z += w[(d + ch) * k + t] * to_acc(values.at(j, ch));
+    for (int ch = 0; ch < d; ++ch) z += to_acc(w[ch * k + t]) * to_acc(keys.at(j, ch));
+    for (int ch = 0; ch < d; ++ch) z += to_acc(w[(d + ch) * k + t]) * to_acc(values.at(j, ch));
   }
   return z;
 }
@@ -102,17 +124,13 @@ struct GenericShared {
 template <typename T, bool kStats>
 __global__ void __launch_bounds__(kGenericThreads) generic_fuse_kernel(FuseArgs<T> a) {
   using Acc = acc_t<T>;
-  LOCOCO_SHARED_BUFFER(smem);
-  SharedCarver carver{smem};
+  SharedCarver carver{dynamic_shared_memory()};
   const Problem& pb = a.pb;
   const GenericShared<Acc> sh = GenericShared<Acc>::carve(carver, pb.channels(), blockDim.x);
   const int C = pb.num_fused, H = pb.num_heavy, d = pb.d, ch2 = pb.channels();
   const int row = blockIdx.x / C, c = blockIdx.x - row * C;
-  const int n_valid = a.sel.valid[row];
-  if (n_valid < pb.slots()) return;
-  const int n = n_valid - H;
-  const auto keys = a.keys.row(row), values = a.values.row(row);
-  const int32_t* rest = a.sel.rest + static_cast<int64_t>(row) * pb.rest_stride();
+  const auto [n, rest, keys, values] = a.row_rest(row);
+  if (n + H < pb.slots()) return;
 
   for (int ch = threadIdx.x; ch < ch2; ch += blockDim.x) sh.fused[ch] = Acc(0);
   Acc run_max = neg_inf<Acc>(), run_sum = Acc(0);
@@ -146,7 +164,7 @@ __global__ void __launch_bounds__(kGenericThreads) generic_fuse_kernel(FuseArgs<
       dot += g * f;
       dot_alpha += g * (f - x);
     } else {
-      const Acc alpha = *a.alpha;
+      const Acc alpha = to_acc(*a.alpha);
       const T out = from_acc<T>(alpha * f + (Acc(1) - alpha) * x);
       if (ch < d) {
         a.out_k[slot + ch] = out;
@@ -174,20 +192,16 @@ __global__ void __launch_bounds__(kGenericThreads) generic_fuse_kernel(FuseArgs<
 template <typename T>
 __global__ void __launch_bounds__(kGenericThreads) generic_grad_z_kernel(FuseArgs<T> a) {
   using Acc = acc_t<T>;
-  LOCOCO_SHARED_BUFFER(smem);
-  SharedCarver carver{smem};
+  SharedCarver carver{dynamic_shared_memory()};
   Acc* scratch = carver.take<Acc>(block_scratch_count<Acc>(blockDim.x));
   const Problem& pb = a.pb;
   const int C = pb.num_fused, H = pb.num_heavy, d = pb.d, stride = pb.rest_stride();
   const int row = blockIdx.x / C, c = blockIdx.x - row * C;
-  const int n_valid = a.sel.valid[row];
-  if (n_valid < pb.slots()) return;
-  const int n = n_valid - H;
-  const auto keys = a.keys.row(row), values = a.values.row(row);
-  const int32_t* rest = a.sel.rest + static_cast<int64_t>(row) * stride;
+  const auto [n, rest, keys, values] = a.row_rest(row);
+  if (n + H < pb.slots()) return;
   const Acc* st = a.stats + (static_cast<int64_t>(row) * C + c) * kStatCount;
   const Acc run_max = st[kStatMax], run_sum = st[kStatSum], dot = st[kStatDot];
-  const Acc alpha = *a.alpha;
+  const Acc alpha = to_acc(*a.alpha);
   const int64_t slot = (static_cast<int64_t>(row) * pb.slots() + H + c) * d;
   const int64_t out = (static_cast<int64_t>(row) * C + c) * stride;
   Acc bias_part = Acc(0);
@@ -222,7 +236,7 @@ __global__ void __launch_bounds__(kGenericThreads) generic_grad_x_kernel(FuseArg
   const int n = n_valid - H;
   const int j = a.sel.rest[static_cast<int64_t>(row) * stride + i];
   const int picked_by = a.sel.pick_slot[static_cast<int64_t>(row) * stride + i];
-  const Acc alpha = *a.alpha;
+  const Acc alpha = to_acc(*a.alpha);
   const int64_t slots = static_cast<int64_t>(row) * M + H;  // first fused slot of the row
   const Acc* probs = a.probs + static_cast<int64_t>(row) * C * stride;
   const Acc* grad_z = a.grad_z + static_cast<int64_t>(row) * C * stride;
@@ -237,7 +251,7 @@ __global__ void __launch_bounds__(kGenericThreads) generic_grad_x_kernel(FuseArg
       const int q = i - t + pad;
       if (q < 0 || q >= n) continue;
       for (int c = 0; c < C; ++c) {
-        acc += grad_z[static_cast<int64_t>(c) * stride + q] * a.weight[(static_cast<int64_t>(c) * ch2 + ch) * k + t];
+        acc += grad_z[static_cast<int64_t>(c) * stride + q] * to_acc(a.weight[(static_cast<int64_t>(c) * ch2 + ch) * k + t]);
       }
     }
     if (ch < d) {
@@ -261,11 +275,8 @@ __global__ void __launch_bounds__(kGenericThreads) generic_grad_weight_kernel(Fu
   const int t = static_cast<int>(e / (static_cast<int64_t>(C) * ch2));
   Acc acc = Acc(0);
   for (int row = 0; row < pb.rows; ++row) {
-    const int n_valid = a.sel.valid[row];
-    if (n_valid < pb.slots()) continue;
-    const int n = n_valid - pb.num_heavy;
-    const auto keys = a.keys.row(row), values = a.values.row(row);
-    const int32_t* rest = a.sel.rest + static_cast<int64_t>(row) * stride;
+    const auto [n, rest, keys, values] = a.row_rest(row);
+    if (n + pb.num_heavy < pb.slots()) continue;
     const Acc* grad_z = a.grad_z + (static_cast<int64_t>(row) * C + c) * stride;
     const int lo = pad - t > 0 ? pad - t : 0, hi = n + pad - t < n ? n + pad - t : n;
     for (int i = lo; i < hi; ++i) acc += grad_z[i] * a.x_at(keys, values, rest[i + t - pad], ch);
@@ -278,8 +289,7 @@ __global__ void __launch_bounds__(kGenericThreads) generic_grad_weight_kernel(Fu
 template <typename T>
 __global__ void __launch_bounds__(kGenericThreads) generic_grad_bias_alpha_kernel(FuseArgs<T> a) {
   using Acc = acc_t<T>;
-  LOCOCO_SHARED_BUFFER(smem);
-  SharedCarver carver{smem};
+  SharedCarver carver{dynamic_shared_memory()};
   Acc* scratch = carver.take<Acc>(block_scratch_count<Acc>(blockDim.x));
   const Problem& pb = a.pb;
   const int C = pb.num_fused;

@@ -61,19 +61,16 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mma_grad_z_kernel(FuseArgs<T> 
   constexpr int kZPerWarp = (kZFrags + kMmaWarps - 1) / kMmaWarps;
   constexpr int kThreadsPerSlot = kMmaThreads / CB;
 
-  LOCOCO_SHARED_BUFFER(smem);
-  SharedCarver carver{smem};
+  SharedCarver carver{dynamic_shared_memory()};
   const Problem& pb = a.pb;
   const int ch2 = pb.channels(), k = pb.kernel, pad = pb.pad(), C = pb.num_fused, stride = pb.rest_stride();
   const auto sh = MmaGradZShared<S, CB>::carve(carver, ch2, k, mw.w_chunk);
   const int slot_blocks = mw.c_pad / CB, tiles = ceil_div(stride, kMmaTile);
   const int row = blockIdx.x / (tiles * slot_blocks), rem = blockIdx.x - row * tiles * slot_blocks;
   const int tile = rem / slot_blocks, c0 = (rem - tile * slot_blocks) * CB;
-  const int n_valid = a.sel.valid[row], base = tile * kMmaTile;
-  if (n_valid < pb.slots() || base >= n_valid - pb.num_heavy) return;
-  const int n = n_valid - pb.num_heavy;
-  const auto keys = a.keys.row(row), values = a.values.row(row);
-  const int32_t* rest = a.sel.rest + static_cast<int64_t>(row) * stride;
+  const int base = tile * kMmaTile;
+  const auto [n, rest, keys, values] = a.row_rest(row);
+  if (n + pb.num_heavy < pb.slots() || base >= n) return;
   const int warp = threadIdx.x / kWarpSize, z_row = (warp % 4) * 16;
 
   gather_x(sh.x, sh.ldx, kMmaTile + k - 1, base - pad, a, keys, values, rest, n);
@@ -110,7 +107,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mma_grad_z_kernel(FuseArgs<T> 
   if (c < C) {
     const float* st = a.stats + (static_cast<int64_t>(row) * C + c) * kStatCount;
     const float run_max = st[kStatMax], run_sum = st[kStatSum], dot = st[kStatDot];
-    const float bias = a.bias ? a.bias[c] : 0.0f, alpha = *a.alpha;
+    const float bias = a.bias ? to_acc(a.bias[c]) : 0.0f, alpha = to_acc(*a.alpha);
     float* probs = a.probs + (static_cast<int64_t>(row) * C + c) * stride;
     float* grad_z = a.grad_z + (static_cast<int64_t>(row) * C + c) * stride;
     for (int r = part; r < kMmaTile && base + r < n; r += kThreadsPerSlot) {
@@ -147,6 +144,25 @@ struct MmaGradXShared {
   }
 };
 
+// acc[q] += A [16 rows, kMmaSlotChunk] @ B [kMmaSlotChunk, column tile w / 4 + 2 q] for the
+// two column tiles of warp w that lie below `columns`; A (fp32 P or dL/dZ) is split, B when
+// kSplitB. Both row-major float tiles in shared memory.
+template <bool kSplitB>
+__device__ __forceinline__ void chunk_product(Tf32::FragC (&acc)[2], const float* a_rows, int lda, const float* b,
+                                              int ldb, int columns) {
+  const int warp = threadIdx.x / kWarpSize;
+  for (int kk = 0; kk < kMmaSlotChunk; kk += Tf32::kK) {
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int ct = warp / 4 + 2 * q;
+      if (ct * 16 < columns) {
+        Tf32::step<true, kSplitB, wmma::row_major, wmma::row_major>(acc[q], a_rows + kk, lda, b + kk * ldb + ct * 16,
+                                                                    ldb);
+      }
+    }
+  }
+}
+
 // Output tile [kMmaTile positions, 64 channels]; warp w owns rows 16 (w % 4) and column
 // tiles w / 4 and w / 4 + 2.
 template <typename T>
@@ -154,8 +170,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mma_grad_x_kernel(FuseArgs<T> 
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   constexpr bool kSplitExact = std::is_same_v<T, float>;  // G and W are exact in TF32 otherwise
   using L = MmaGradXShared;
-  LOCOCO_SHARED_BUFFER(smem);
-  SharedCarver carver{smem};
+  SharedCarver carver{dynamic_shared_memory()};
   const Problem& pb = a.pb;
   const int ch2 = pb.channels(), k = pb.kernel, pad = pb.pad(), C = pb.num_fused, stride = pb.rest_stride();
   const auto sh = L::carve(carver, k);
@@ -165,7 +180,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mma_grad_x_kernel(FuseArgs<T> 
   const int n_valid = a.sel.valid[row], base = tile * kMmaTile;
   if (n_valid < pb.slots() || base >= n_valid - pb.num_heavy) return;
   const int n = n_valid - pb.num_heavy;
-  const float alpha = *a.alpha;
+  const float alpha = to_acc(*a.alpha);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, r0 = (warp % 4) * 16;
   const int ch_here = min(kMmaChannelBlock, ch2 - ch0);
   const float* probs = a.probs + static_cast<int64_t>(row) * C * stride;
@@ -190,16 +205,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mma_grad_x_kernel(FuseArgs<T> 
           pos >= 0 && pos < n && s0 + c < C ? grad_z[static_cast<int64_t>(s0 + c) * stride + pos] : 0.0f;
     }
     __syncthreads();
-    for (int kk = 0; kk < kMmaSlotChunk; kk += Tf32::kK) {
-#pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        const int ct = warp / 4 + 2 * q;
-        if (ct * 16 < ch_here) {
-          Tf32::step<true, kSplitExact, wmma::row_major, wmma::row_major>(
-              acc[q], sh.p + r0 * L::ldk + kk, L::ldk, sh.g + kk * L::ldc + ct * 16, L::ldc);
-        }
-      }
-    }
+    chunk_product<kSplitExact>(acc, sh.p + r0 * L::ldk, L::ldk, sh.g, L::ldc, ch_here);
     // dX[i] += sum_t dZ[i + pad - t] W[:, :, t]: the A operand of tap t is dZ shifted by rows.
     for (int t = 0; t < k; ++t) {
       __syncthreads();
@@ -209,16 +215,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mma_grad_x_kernel(FuseArgs<T> 
             s0 + c < C && j < ch_here ? a.weight_by_tap[(static_cast<int64_t>(t) * C + s0 + c) * ch2 + ch0 + j] : 0.0f;
       }
       __syncthreads();
-      for (int kk = 0; kk < kMmaSlotChunk; kk += Tf32::kK) {
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          const int ct = warp / 4 + 2 * q;
-          if (ct * 16 < ch_here) {
-            Tf32::step<true, kSplitExact, wmma::row_major, wmma::row_major>(
-                acc[q], sh.dz + (r0 + 2 * pad - t) * L::ldk + kk, L::ldk, sh.w + kk * L::ldc + ct * 16, L::ldc);
-          }
-        }
-      }
+      chunk_product<kSplitExact>(acc, sh.dz + (r0 + 2 * pad - t) * L::ldk, L::ldk, sh.w, L::ldc, ch_here);
     }
   }
 
@@ -273,8 +270,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mma_grad_weight_kernel(FuseArg
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   constexpr bool kSplitX = std::is_same_v<T, float>;
   using L = MmaGradWeightShared;
-  LOCOCO_SHARED_BUFFER(smem);
-  SharedCarver carver{smem};
+  SharedCarver carver{dynamic_shared_memory()};
   const Problem& pb = a.pb;
   const int ch2 = pb.channels(), pad = pb.pad(), C = pb.num_fused, stride = pb.rest_stride();
   const auto sh = L::carve(carver);
@@ -289,11 +285,8 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mma_grad_weight_kernel(FuseArg
   wmma::fill_fragment(acc[0], 0.0f);
   wmma::fill_fragment(acc[1], 0.0f);
   for (int row = 0; row < pb.rows; ++row) {
-    const int n_valid = a.sel.valid[row];
-    if (n_valid < pb.slots()) continue;
-    const int n = n_valid - pb.num_heavy;
-    const auto keys = a.keys.row(row), values = a.values.row(row);
-    const int32_t* rest = a.sel.rest + static_cast<int64_t>(row) * stride;
+    const auto [n, rest, keys, values] = a.row_rest(row);
+    if (n + pb.num_heavy < pb.slots()) continue;
     const float* grad_z = a.grad_z + (static_cast<int64_t>(row) * C + c0) * stride;
     for (int base = 0; base < n; base += kMmaTile) {
       __syncthreads();  // the previous positions are no longer read

@@ -191,8 +191,7 @@ __device__ void gather_x(T* x, int ldx, int rows, int first, const FuseArgs<T>& 
     const RowEntries<const T>& src = ch < d ? keys : values;
     const int c = ch < d ? ch : ch - d;
     const T* from = &src.at(j, c);
-    const int64_t dim_stride = j < src.mem_len ? src.mem_dim : src.new_dim;
-    if (dim_stride == 1 && reinterpret_cast<uintptr_t>(from) % 16 == 0) {
+    if (src.dim_stride(j) == 1 && reinterpret_cast<uintptr_t>(from) % 16 == 0) {
       *reinterpret_cast<uint4*>(to) = *reinterpret_cast<const uint4*>(from);
     } else {
       for (int i = 0; i < kVec; ++i) to[i] = src.at(j, c + i);

@@ -72,18 +72,15 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mma_fuse_kernel(FuseArgs<T> a,
   constexpr int kThreadsPerSlot = kMmaThreads / CB;
   static_assert(kMmaThreads % CB == 0 && kThreadsPerSlot <= kWarpSize, "slot groups must fit in a warp");
 
-  LOCOCO_SHARED_BUFFER(smem);
-  SharedCarver carver{smem};
+  SharedCarver carver{dynamic_shared_memory()};
   const Problem& pb = a.pb;
   const int ch2 = pb.channels(), k = pb.kernel, pad = pb.pad(), C = pb.num_fused, H = pb.num_heavy, d = pb.d;
   const auto sh = MmaForwardShared<S, CB>::carve(carver, ch2, k, mw.w_chunk, Ops::kPParts, kStats);
-  const int slot_blocks = mw.c_pad / CB;
-  const int row = blockIdx.x / slot_blocks, c0 = (blockIdx.x - row * slot_blocks) * CB;
-  const int n_valid = a.sel.valid[row];
-  if (n_valid < pb.slots()) return;
-  const int n = n_valid - H;
-  const auto keys = a.keys.row(row), values = a.values.row(row);
-  const int32_t* rest = a.sel.rest + static_cast<int64_t>(row) * pb.rest_stride();
+  const int slot_blocks = mw.c_pad / CB, splits = kStats ? 1 : a.splits;
+  const int row = blockIdx.x / (slot_blocks * splits), rem = blockIdx.x - row * slot_blocks * splits;
+  const int c0 = (rem / splits) * CB, split = rem - (rem / splits) * splits;
+  const auto [n, rest, keys, values] = a.row_rest(row);
+  if (n + H < pb.slots()) return;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   float* stage = sh.stage + warp * 256;
 
@@ -98,7 +95,10 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mma_fuse_kernel(FuseArgs<T> a,
     sh.run_sum[c] = 0.0f;
   }
 
-  for (int base = 0; base < n; base += kMmaTile) {
+  // This block's positions: whole tiles, split `splits` ways (the split ends are tile ends).
+  const int tiles_per_split = ceil_div(ceil_div(n, kMmaTile), splits);
+  const int begin = split * tiles_per_split * kMmaTile, end = min(n, begin + tiles_per_split * kMmaTile);
+  for (int base = begin; base < end; base += kMmaTile) {
     gather_x(sh.x, sh.ldx, kMmaTile + k - 1, base - pad, a, keys, values, rest, n);
     FragC z[kZPerWarp];
 #pragma unroll
@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mma_fuse_kernel(FuseArgs<T> a,
     {
       const int col = threadIdx.x / kThreadsPerSlot, part = threadIdx.x % kThreadsPerSlot;
       const int c = c0 + col;
-      const float bias = a.bias && c < C ? a.bias[c] : 0.0f;
+      const float bias = a.bias && c < C ? to_acc(a.bias[c]) : 0.0f;
       const float old_max = sh.run_max[col];
       float tile_max = neg_inf<float>();
       for (int r = part; r < kMmaTile; r += kThreadsPerSlot) {
@@ -164,7 +164,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mma_fuse_kernel(FuseArgs<T> a,
     __syncthreads();  // X, P and the statistics are rewritten by the next tile
   }
 
-  const float alpha = *a.alpha;
+  const float alpha = to_acc(*a.alpha);
   const int M = pb.slots();
   const int32_t* picks = a.sel.picks + static_cast<int64_t>(row) * C;
 #pragma unroll
@@ -177,6 +177,11 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mma_fuse_kernel(FuseArgs<T> a,
       // Lanes 0-15 hold row 2j of the tile in step j, lanes 16-31 row 2j + 1, one column each.
       for (int e = lane; e < 256; e += kWarpSize) {
         const int r = e / 16, c = c0 + cr * 16 + r, ch = cc * 16 + e % 16;
+        if (!kStats && splits > 1) {  // this block's share, unnormalised; mma_combine_kernel mixes
+          if (c < C) a.partial[((static_cast<int64_t>(row) * C + c) * splits + split) * (kPartialO + ch2) +
+                               kPartialO + ch] = stage[e];
+          continue;
+        }
         const float f_val = stage[e] / sh.run_sum[cr * 16 + r];
         const float x = c < C ? a.x_at(keys, values, rest[picks[c]], ch) : 0.0f;
         const int64_t slot = (static_cast<int64_t>(row) * M + H + c) * d;
@@ -205,6 +210,13 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mma_fuse_kernel(FuseArgs<T> a,
       __syncwarp();  // the stage is rewritten by the next fragment
     }
   }
+  if (!kStats && splits > 1) {
+    for (int col = threadIdx.x; col < CB && c0 + col < C; col += blockDim.x) {
+      float* part = a.partial + ((static_cast<int64_t>(row) * C + c0 + col) * splits + split) * (kPartialO + ch2);
+      part[kPartialMax] = sh.run_max[col];
+      part[kPartialSum] = sh.run_sum[col];
+    }
+  }
   if constexpr (kStats) {
     __syncthreads();
     for (int col = threadIdx.x; col < CB && c0 + col < C; col += blockDim.x) {
@@ -221,6 +233,38 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mma_fuse_kernel(FuseArgs<T> a,
     }
   }
 #endif
+}
+
+constexpr int kCombineThreads = 128;
+
+// The second step of a forward split over the positions (as in flash-decoding): one block per
+// (row, fused slot c) merges the shares of the `splits` blocks, each rescaled by exp(its max
+// - the overall max), and writes the slot as the unsplit epilogue does.
+template <typename T>
+__global__ void __launch_bounds__(kCombineThreads) mma_combine_kernel(FuseArgs<T> a) {
+  const Problem& pb = a.pb;
+  const int C = pb.num_fused, ch2 = pb.channels(), d = pb.d, splits = a.splits, width = kPartialO + ch2;
+  const int row = blockIdx.x / C, c = blockIdx.x - row * C;
+  const auto [n, rest, keys, values] = a.row_rest(row);
+  if (n + pb.num_heavy < pb.slots()) return;
+  const float* part = a.partial + (static_cast<int64_t>(row) * C + c) * splits * width;
+  float top = neg_inf<float>();
+  for (int s = 0; s < splits; ++s) top = fmaxf(top, part[s * width + kPartialMax]);
+  float sum = 0.0f;
+  for (int s = 0; s < splits; ++s) sum += expf(part[s * width + kPartialMax] - top) * part[s * width + kPartialSum];
+  const float alpha = to_acc(*a.alpha);
+  const int pick = rest[a.sel.picks[static_cast<int64_t>(row) * C + c]];
+  const int64_t slot = (static_cast<int64_t>(row) * pb.slots() + pb.num_heavy + c) * d;
+  for (int ch = threadIdx.x; ch < ch2; ch += blockDim.x) {
+    float mix = 0.0f;
+    for (int s = 0; s < splits; ++s) mix += expf(part[s * width + kPartialMax] - top) * part[s * width + kPartialO + ch];
+    const T out = from_acc<T>(alpha * (mix / sum) + (1.0f - alpha) * a.x_at(keys, values, pick, ch));
+    if (ch < d) {
+      a.out_k[slot + ch] = out;
+    } else {
+      a.out_v[slot + ch - d] = out;
+    }
+  }
 }
 
 }  // namespace lococo::cuda

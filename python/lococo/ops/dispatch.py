@@ -81,13 +81,12 @@ def fuse_kv(
     """Compress the cache [mem ; new] of every (row, KV head) into ``num_heavy + C`` slots.
 
     Runs ``torch.ops.lococo.fuse_kv`` where a compiled kernel exists for the device, else
-    ``lococo.reference.fuse_kv``. See SPEC section 2 for the algorithm and section 4 for the
-    contract; returns (keys, values), each [b, h, num_heavy + C, d] in the dtype of ``mem_k``.
+    ``lococo.reference.fuse_kv``. See docs/design.md#the-compressor and
+    docs/design.md#the-op-contract; returns (keys, values), each [b, h, num_heavy + C, d] in
+    the dtype of ``mem_k``.
     """
     if _library.has_kernel(mem_k.device):
         return torch.ops.lococo.fuse_kv(mem_k, mem_v, new_k, new_v, scores, weight, bias, alpha,
                                         num_heavy, num_local, valid_len)
-    check_fuse_kv_args(mem_k, mem_v, new_k, new_v, scores, weight, bias, alpha, num_heavy,
-                       num_local, valid_len)
     return reference.fuse_kv(mem_k, mem_v, new_k, new_v, scores, weight, bias, alpha, num_heavy,
                              num_local, valid_len)

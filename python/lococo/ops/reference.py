@@ -1,7 +1,7 @@
 """The LoCoCo compressor in plain PyTorch: the ground truth for every kernel.
 
-This is SPEC section 2, vectorised over batch rows and KV heads. It favours clarity over
-speed (it builds the concatenated cache and the dense one-hot matrix), is differentiable
+This is docs/design.md#the-compressor, vectorised over batch rows and KV heads. It favours
+clarity over speed (it builds the concatenated cache and the dense one-hot matrix), is differentiable
 through autograd in every float input but ``scores``, and is the fallback where no compiled
 kernel exists for a device.
 
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .checks import check_fuse_kv_args
 
 __all__ = ["fuse_kv", "rank_order", "compute_dtype"]
 
@@ -108,8 +110,9 @@ def fuse_kv(
     """Compress the logical cache [mem ; new] of every (row, KV head) into H + C slots.
 
     A row with fewer than H + C valid entries keeps them all, right-aligned, with zeros in
-    front. Inputs are not validated here; ``lococo.fuse_kv`` validates before dispatching.
+    front. Bad arguments raise the ValueError of the op, naming the argument.
     """
+    check_fuse_kv_args(mem_k, mem_v, new_k, new_v, scores, weight, bias, alpha, num_heavy, num_local, valid_len)
     b, h, _, d = mem_k.shape
     out_dtype = mem_k.dtype
     cdt = compute_dtype(out_dtype)

@@ -9,12 +9,15 @@
 // last lane only, so a missing __syncwarp after a store shows too. Mistakes that abort: a
 // barrier reached by some threads after others exited, a deadlock, a partial warp.
 //
-// Only what the kernels use is here. Compiled with LOCOCO_HOST_EMULATION by
-// emulation/emulated_ops.cpp; never part of the real build.
+// Only what the kernels use is here. Included by emulated_ops.cpp before the production
+// headers, which are compiled unchanged by the host compiler: the CUDA headers give the host
+// meaning of __device__ and friends, this file the built-ins, the warp collectives, WMMA, and
+// the dynamic shared memory that csrc/cuda/device_support.cuh declares.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -33,6 +36,12 @@
 using std::max;
 using std::min;
 
+namespace lococo::cuda {
+constexpr size_t kEmulatedSharedBytes = 227 * 1024;  // H100 / H200 opt-in limit per block
+// The dynamic shared memory of the block that runs (one at a time).
+alignas(128) inline unsigned char lococo_dynamic_shared[kEmulatedSharedBytes];
+}  // namespace lococo::cuda
+
 namespace emu {
 
 [[noreturn]] inline void fail(const char* what) {
@@ -50,7 +59,6 @@ struct Fiber {
 
 struct BlockState {
   dim3 grid, block, block_index;
-  std::vector<unsigned char> shared;
   std::vector<Fiber> fibers;
   ucontext_t scheduler;
   int current = 0;
@@ -119,11 +127,6 @@ V exchange(V v, int source_lane) {
   return out;
 }
 
-inline unsigned char* shared_buffer() {  // 128-byte aligned, as CUDA's dynamic shared memory
-  const auto base = reinterpret_cast<uintptr_t>(state()->shared.data());
-  return state()->shared.data() + ((128 - base % 128) % 128);
-}
-
 inline void fiber_entry() {
   BlockState& s = *state();
   s.body();
@@ -162,7 +165,8 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
         s.grid = grid;
         s.block = block;
         s.block_index = dim3(bx, by, bz);
-        s.shared.assign(shared_bytes + 128, 0xff);
+        if (shared_bytes > lococo::cuda::kEmulatedSharedBytes) fail("shared memory over the emulated limit");
+        std::memset(lococo::cuda::lococo_dynamic_shared, 0xff, shared_bytes);
         s.fibers.resize(threads);
         s.warp_generation.assign(threads / 32, 0);
         s.warp_arrived.assign(threads / 32, 0);
@@ -231,11 +235,6 @@ inline int atomicAdd(int* p, int v) {  // fibers never run concurrently
   const int old = *p;
   *p = old + v;
   return old;
-}
-inline long long __double_as_longlong(double x) {
-  long long r;
-  std::memcpy(&r, &x, sizeof r);
-  return r;
 }
 
 namespace nvcuda::wmma {

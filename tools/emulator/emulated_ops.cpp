@@ -1,10 +1,12 @@
 // torch.ops.lococo_emu.fuse_kv / fuse_kv_backward: the CUDA launch sequence and kernels of
-// ../fuse_kv_launch.h run on CPU tensors through emulation.h. A test tool for machines without
-// a GPU (see check_emulated.py); the real build never compiles this file.
+// csrc/cuda/fuse_kv_launch.h run on CPU tensors through emulation.h. A verification tool for
+// machines without a GPU (see check_emulated.py); the real build never compiles this file.
+#include "emulation.h"  // first: the CUDA built-ins the production headers use
+
 #include <torch/library.h>
 
-#include "../../fuse_kv_schema.h"
-#include "../fuse_kv_launch.h"
+#include "cuda/fuse_kv_launch.h"
+#include "fuse_kv_schema.h"
 
 namespace lococo::cuda {
 namespace {
@@ -16,6 +18,11 @@ struct EmulatedLauncher {
   }
   int compute_capability() const { return 90; }
   size_t max_shared_memory() const { return 227 * 1024; }
+  // An H200's 132 by default; EMU_SM_COUNT changes it (1: the forward never splits positions).
+  int multiprocessor_count() const {
+    const char* v = std::getenv("EMU_SM_COUNT");
+    return v != nullptr ? std::atoi(v) : 132;
+  }
   template <typename... Params>
   void operator()(void (*kernel)(Params...), int64_t blocks, int threads, size_t shared_memory,
                   const Params&... params) const {

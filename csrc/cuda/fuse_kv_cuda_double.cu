@@ -1,0 +1,8 @@
+// The fuse_kv kernels for double elements (see fuse_kv_cuda.cu).
+#include "cuda_launcher.h"
+
+namespace lococo::cuda {
+
+LOCOCO_FUSE_KV_KERNELS(, double, CudaLauncher);
+
+}  // namespace lococo::cuda
