@@ -1,7 +1,7 @@
 # The two commands of a fresh machine: `make demo` (the main job) and `make test`.
 PY := .venv/bin/python
 
-.PHONY: setup demo test emulator bench gpu-check wheels clean
+.PHONY: setup demo test lint emulator bench gpu-check wheels clean
 
 setup:
 	bash scripts/setup.sh
@@ -10,9 +10,12 @@ demo: setup
 	$(PY) -m lococo assets fetch
 	$(PY) -m lococo demo
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -q tests
 	$(PY) tools/emulator/check_emulated.py --fast
+
+lint: setup
+	$(PY) -m ruff check .
 
 # The CUDA kernels run on the CPU against the reference: every check, threads in both orders.
 emulator: setup

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import functools
 import platform
 import statistics
 import sys
@@ -264,7 +265,8 @@ def main(argv=None):
                 for name, (run, make_kw) in providers(direction, compiled, extra).items():
                     inputs = make_args(shape, args.device, dtype, **make_kw)
                     try:
-                        results[name] = measure(lambda: run(inputs), args.device, args.min_repeats, args.budget)
+                        call = functools.partial(run, inputs)
+                        results[name] = measure(call, args.device, args.min_repeats, args.budget)
                     except RuntimeError as error:  # e.g. a capture that fails: reported, not fatal
                         notes.append(f"{shape.name} {dtype} {name}: {str(error).splitlines()[0]}")
                         print(notes[-1], flush=True)

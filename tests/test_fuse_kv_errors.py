@@ -7,7 +7,6 @@ import torch
 
 import lococo
 from lococo.ops import library as _library
-
 from lococo.ops.testing import Case, make_args
 
 from conftest import kernel_devices

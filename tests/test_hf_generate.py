@@ -98,7 +98,7 @@ def test_greedy_with_compression_matches_manual_loop(arch, attn, prefill_chunk):
     assert torch.equal(out.sequences, greedy_decode(loop, ids, torch.ones_like(ids), 30, chunk=prefill_chunk))
     assert loop.num_compressions == cache.num_compressions
 
-    # SPEC 3 schedule: compress to M when more than M + beta are stored, then append what is fed.
+    # The schedule: compress to M when more than M + beta are stored, then append what is fed.
     # So a call stores at most M + beta + fed entries; once a prefill chunk B > beta has followed a
     # compression, every later chunk finds M + B > M + beta stored and stores M + B again.
     stored, seen, compressed = 0, 0, False
@@ -160,7 +160,7 @@ def test_left_padded_batch(attn):
         alone = generate(model, ids[row:row + 1, T - n:], **greedy).sequences
         assert torch.equal(batch[row, T - n:], alone[0])
 
-    # With compression the schedule is per layer (SPEC 3), so a row depends on its padding only
+    # With compression the schedule is per layer (docs/design.md#left-padding), so a row depends on its padding only
     # through when compression happens: it equals itself generated alone with the same padding,
     # and the pad entries never matter (not in the compressor, masked in attention)
     compressor = tiny_compressor(model, seed=23)

@@ -1,4 +1,4 @@
-"""SPEC section 3 through transformers: the cache against an independent loop written from the spec.
+"""docs/design.md#compression-trigger through transformers: the cache against an independent loop.
 
 The loop below does not use transformers' caches, masks or attention functions, nor lococo's
 cache: it runs the model's own weights layer by layer, keeps per-layer K/V, compresses with

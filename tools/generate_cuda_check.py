@@ -33,7 +33,8 @@ def build(device, dtype):
     import lococo
 
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**CONFIG), attn_implementation="sdpa")
+    model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**CONFIG),
+                                                          attn_implementation="sdpa")
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None
     compressor = lococo.LoCoCoCompressor.for_model(model, num_slots=16, beta=3, kernel_size=5, init_std=0.3)

@@ -27,8 +27,16 @@ from pathlib import Path
 
 import torch
 
-from lococo.ops.testing import (DIFF_ARGS, EDGE_CASES, MMA_CASES, MODEL_CASES, Case, compare_backward,
-                                compare_forward, make_args)
+from lococo.ops.testing import (
+    DIFF_ARGS,
+    EDGE_CASES,
+    MMA_CASES,
+    MODEL_CASES,
+    Case,
+    compare_backward,
+    compare_forward,
+    make_args,
+)
 
 
 @contextlib.contextmanager

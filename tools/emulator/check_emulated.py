@@ -32,8 +32,9 @@ ROOT = HERE.parents[1]
 sys.path[:0] = [str(ROOT / "python"), str(ROOT / "tools")]
 warnings.filterwarnings("ignore", message="lococo: the compiled kernels")
 
-import sanitize_case  # noqa: E402
 from lococo.ops.testing import MMA_CASES, compare_forward, make_args  # noqa: E402
+
+import sanitize_case  # noqa: E402
 
 FAST_CASES = ("small", "ties", "valid_len", "local2", "nonfinite", "many_tiles", "mma_d8", "mma_valid_nan",
               "mma_d16_multi")
@@ -71,7 +72,7 @@ def limit_check() -> sanitize_case.Row:
         ok, detail = False, "no error"
     except ValueError as error:
         ok, detail = "32-bit integers" in str(error), str(error).splitlines()[0]
-    except Exception as error:  # noqa: BLE001 - the wrong kind of error is what this check reports
+    except Exception as error:  # the wrong kind of error is what this check reports
         ok, detail = False, f"{type(error).__name__}: {str(error).splitlines()[0]}"
     return sanitize_case.Row("32-bit limit", "2^31 entries", "float32", "-", 0.0, 0.0, ok, 0.0, detail)
 

@@ -1,4 +1,4 @@
-"""Attention implementations that also produce the per-key scores of SPEC section 3.
+"""Attention implementations that also produce the scores of docs/design.md#attention-scores.
 
 ``lococo_sdpa`` and ``lococo_eager`` are registered under their own names in transformers'
 ``AttentionInterface`` and ``AttentionMaskInterface`` (the mask entry is transformers' own sdpa or
@@ -69,7 +69,7 @@ def _allowed_keys(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, 
 
 def attention_scores(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
                      scaling: float | None = None) -> torch.Tensor:
-    """Scores [b, kv_heads, kv_len] (float32) of SPEC section 3 for one attention call.
+    """Scores [b, kv_heads, kv_len] (float32) of docs/design.md#attention-scores for one attention call.
 
     ``query`` [b, heads, q, d] and ``key`` [b, kv_heads, kv, d] as the attention function gets them
     (GQA groups are contiguous query heads). Computed block by block over the queries so that the

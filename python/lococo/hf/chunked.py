@@ -4,7 +4,7 @@ The sequence is fed B tokens at a time through a cache (any of them: LoCoCo, H2O
 StreamingLLM, or transformers' DynamicCache for the full-cache reference). Position t's logits
 predict token t + 1, so NLL[:, t] = -log p(x[t+1] | x[<=t]) for t in [0, T - 1).
 
-Training (SPEC section 6): gradients flow from each chunk's loss into the compressor through the
+Training (docs/design.md#the-original-recipe): gradients flow from each chunk's loss into the compressor through the
 compression done at the start of that chunk; the cache is detached after every chunk (one-chunk
 truncated backprop), so ``chunk.loss.backward()`` inside the loop is the recipe:
 

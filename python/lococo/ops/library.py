@@ -10,7 +10,7 @@ OP = "lococo::fuse_kv"
 _load_error: str | None = None
 
 try:
-    from .. import _C  # noqa: F401  (registers torch.ops.lococo.*)
+    from .. import _C  # registers torch.ops.lococo.*
 except (ImportError, OSError) as exc:  # missing build, or built against another torch
     _C = None
     _load_error = f"{type(exc).__name__}: {exc}"

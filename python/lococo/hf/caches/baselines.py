@@ -1,4 +1,4 @@
-"""Baseline fixed-slot caches at the same M as LoCoCo (SPEC section 6).
+"""Baseline fixed-slot caches at the same M as LoCoCo (docs/design.md#baseline-caches).
 
 - H2O: same trigger and same scores as LoCoCo (latest attention call); keeps the top-M entries
   (ties to the lower index, NaN scores last), in cache order, nothing fused.

@@ -1,6 +1,6 @@
 """Fixed-slot KV caches for transformers: the common layer logic and the LoCoCo cache.
 
-A fixed-slot layer follows SPEC section 3. At the start of ``update`` it compresses its stored
+A fixed-slot layer follows docs/design.md#compression-trigger. At the start of ``update`` it compresses its stored
 entries to M slots when it stores more than M + beta of them, using the scores of the previous
 attention call; then it appends the new entries and returns [stored ; new]. Keys stay post-RoPE
 at their absolute positions; ``get_seq_length()`` counts the tokens seen.
@@ -11,7 +11,7 @@ what transformers' own 2D padding mask says about the last ``stored`` columns be
 ones, given ``get_mask_sizes`` = (stored + q, seen - stored). So the standard masks (any backend)
 see every slot, the new entries causally, and no pad. Left padding only.
 
-The trigger is per layer, as in SPEC 3: the stored length counts a row's padding, so a padded row
+The trigger is per layer (docs/design.md#left-padding): the stored length counts a row's padding, so a padded row
 is compressed on its batch's schedule. Its outputs equal those of the same row run alone with the
 same padding (the pads themselves never matter), and, until the first compression, those of the
 row run alone without padding.
