@@ -43,8 +43,15 @@ from pathlib import Path
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=1e5,
                     tie_word_embeddings=True, max_position_embeddings=65536, rms_norm_eps=1e-5)
-CACHES = ("full", "lococo")
-FIELDS = ["cache", "context", "prefill", "decode_tokens", "tokens_per_s", "latency_ms_p50", "latency_ms_p20",
+# two layers of Llama-2-7B: its attention shapes (32 KV heads of 128) at a size that fits any machine
+LLAMA2_7B_2LAYERS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=2,
+                         num_attention_heads=32, num_key_value_heads=32, head_dim=128, rope_theta=1e4,
+                         max_position_embeddings=65536, rms_norm_eps=1e-5)
+MODELS = {"smollm2-135m": ("SmolLM2-135M architecture", SMOLLM2_135M),
+          "llama-2-7b-2layers": ("Llama-2-7B shapes, 2 layers", LLAMA2_7B_2LAYERS)}
+CACHES = ("full", "lococo", "h2o")
+LABELS = {"full": "full cache", "lococo": "LoCoCo", "h2o": "H2O"}
+FIELDS = ["model", "cache", "context", "prefill", "decode_tokens", "tokens_per_s", "latency_ms_p50", "latency_ms_p20",
           "latency_ms_p80", "kv_cache_mb", "stored_entries", "peak_mem_mb", "model_mem_mb", "prefill_s",
           "num_slots", "chunk", "device", "dtype", "threads"]
 
@@ -69,12 +76,15 @@ def run_one(args) -> dict:
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
-    config = LlamaConfig(**SMOLLM2_135M)
+    config = LlamaConfig(**MODELS[args.model][1])
     model = LlamaForCausalLM(config).to(device, dtype).eval()
     compressor = lococo.LoCoCoCompressor.for_model(model, num_slots=args.num_slots, chunk_size=args.chunk)
     if args.cache == "lococo":
         lococo.apply_lococo(model, compressor)
         cache = lococo.LoCoCoCache(compressor)
+    elif args.cache == "h2o":
+        lococo.apply_lococo(model)
+        cache = lococo.H2OCache(config.num_hidden_layers, args.num_slots)
     else:
         cache = DynamicCache(config=config)
     kw = {lococo.cache_kwarg(model): cache}
@@ -125,7 +135,7 @@ def run_one(args) -> dict:
     q = statistics.quantiles(latencies, n=10)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _peak_rss_mb()
     return {
-        "cache": args.cache, "context": T, "prefill": args.prefill, "decode_tokens": len(latencies),
+        "model": args.model, "cache": args.cache, "context": T, "prefill": args.prefill, "decode_tokens": len(latencies),
         "tokens_per_s": round(len(latencies) / sum(latencies), 2),
         "latency_ms_p50": round(1e3 * statistics.median(latencies), 2),
         "latency_ms_p20": round(1e3 * q[1], 2), "latency_ms_p80": round(1e3 * q[7], 2),
@@ -161,6 +171,8 @@ def write_outputs(rows: list[dict], args, env: str) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "generate" if args.prefill == "synthetic" else "generate_model_prefill"
+    if args.model != "smollm2-135m":
+        stem += f"-{args.model}"
     with open(out / f"{stem}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
@@ -168,25 +180,25 @@ def write_outputs(rows: list[dict], args, env: str) -> None:
 
     by = {(r["cache"], r["context"]): r for r in rows}
     contexts = sorted({r["context"] for r in rows})
+    caches = [c for c in CACHES if any(r["cache"] == c for r in rows)]
     lines = [
-        f"SmolLM2-135M architecture, random weights (throughput and memory depend on shapes, not weights); "
-        f"LoCoCo M = {args.num_slots}, beta = 16, B = {args.chunk}; batch 1, {args.dtype} on {args.device}; "
+        f"{MODELS[args.model][0]}, random weights (throughput and memory depend on shapes, not weights); "
+        f"M = {args.num_slots}, beta = 16, B = {args.chunk}; batch 1, {args.dtype} on {args.device}; "
         f"{args.decode_tokens} timed greedy decode tokens after {args.warmup} warm-up; prefill: {args.prefill}.",
-        f"Machine: {env}. Process RSS after building the model (the floor of the peak column): "
+        f"Machine: {env}. Memory after building the model (the floor of the peak column): "
         f"{min(r['model_mem_mb'] for r in rows)} MB.", "",
-        "| context | KV cache MB full | KV cache MB LoCoCo | peak MB full | peak MB LoCoCo "
-        "| decode tok/s full | decode tok/s LoCoCo | speed-up | latency ms p50 [p20, p80] full "
-        "| latency ms p50 [p20, p80] LoCoCo |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| context | cache | KV cache MB | peak MB | decode tok/s | vs full | latency ms p50 [p20, p80] |",
+        "|---:|---|---:|---:|---:|---:|---:|",
     ]
     for T in contexts:
-        f, c = by.get(("full", T)), by.get(("lococo", T))
-        if f is None or c is None:
-            continue
-        lat = lambda r: f"{r['latency_ms_p50']} [{r['latency_ms_p20']}, {r['latency_ms_p80']}]"  # noqa: E731
-        lines.append(f"| {T} | {f['kv_cache_mb']} | {c['kv_cache_mb']} | {f['peak_mem_mb']} | {c['peak_mem_mb']} "
-                     f"| {f['tokens_per_s']} | {c['tokens_per_s']} | {c['tokens_per_s'] / f['tokens_per_s']:.2f}x "
-                     f"| {lat(f)} | {lat(c)} |")
+        full = by.get(("full", T))
+        for cache in caches:
+            r = by.get((cache, T))
+            if r is None:
+                continue
+            speed = f"{r['tokens_per_s'] / full['tokens_per_s']:.2f}x" if full else "-"
+            lines.append(f"| {T} | {LABELS[cache]} | {r['kv_cache_mb']} | {r['peak_mem_mb']} | {r['tokens_per_s']} "
+                         f"| {speed} | {r['latency_ms_p50']} [{r['latency_ms_p20']}, {r['latency_ms_p80']}] |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -195,10 +207,10 @@ def write_outputs(rows: list[dict], args, env: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for cache, style in (("full", "o-"), ("lococo", "s-")):
+    for cache, style in zip(caches, ("o-", "s-", "^-")):
         pts = [by[(cache, T)] for T in contexts if (cache, T) in by]
         xs = [r["context"] for r in pts]
-        label = "full cache" if cache == "full" else f"LoCoCo (M = {args.num_slots})"
+        label = LABELS[cache] if cache == "full" else f"{LABELS[cache]} (M = {args.num_slots})"
         axes[0].plot(xs, [r["kv_cache_mb"] for r in pts], style, label=label)
         axes[1].plot(xs, [r["peak_mem_mb"] for r in pts], style, label=label)
         axes[2].plot(xs, [r["tokens_per_s"] for r in pts], style, label=label)
@@ -211,7 +223,7 @@ def write_outputs(rows: list[dict], args, env: str) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("SmolLM2-135M architecture (random weights), batch 1, " + args.device, fontsize=10)
+    fig.suptitle(f"{MODELS[args.model][0]} (random weights), batch 1, " + args.device, fontsize=10)
     fig.tight_layout()
     fig.savefig(out / f"{stem}.png", dpi=120)
 
@@ -220,6 +232,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--caches", nargs="+", choices=CACHES, default=list(CACHES))
+    parser.add_argument("--model", choices=sorted(MODELS), default="smollm2-135m",
+                        help="the architecture (random weights)")
     parser.add_argument("--prefill", choices=("synthetic", "model"), default="synthetic")
     parser.add_argument("--decode-tokens", type=int, default=48)
     parser.add_argument("--warmup", type=int, default=4)
@@ -251,7 +265,7 @@ def main() -> None:
             rows.append(row)
             print(f"{cache:>6} {T:>6}: {row['tokens_per_s']:8.2f} tok/s, KV {row['kv_cache_mb']:8.2f} MB, "
                   f"peak {row['peak_mem_mb']:8.1f} MB, prefill {row['prefill_s']:.1f} s", flush=True)
-    write_outputs(rows, args, environment(args))
+        write_outputs(rows, args, environment(args))   # after every context: a run cut short keeps its rows
 
 
 if __name__ == "__main__":

@@ -188,7 +188,8 @@ write_outputs() {  # summary.md and logs.tgz as they stand now
       ptxas_table 2>&1
     fi
     for section in "benchmark|$OUT/fuse_kv_cuda.md" "generate() CPU vs CUDA|$LOGS/generate.log" \
-                   "bench_generate|$LOGS/generate/generate.md"; do
+                   "bench_generate|$LOGS/generate/generate.md" \
+                   "bench_generate, Llama-2-7B shapes|$LOGS/generate/generate-llama-2-7b-2layers.md"; do
       IFS='|' read -r title file <<<"$section"
       [[ -f "$file" ]] || continue
       echo
@@ -263,10 +264,10 @@ step benchmark benchmark.log "$PYTHON" benchmarks/bench_fuse_kv.py --device cuda
 
 step generate generate.log "$PYTHON" tools/generate_cuda_check.py
 
-GENERATE_CACHES=(full lococo)
-"$PYTHON" benchmarks/bench_generate.py --help 2>/dev/null | grep -q h2o && GENERATE_CACHES+=(h2o)
-step bench_generate bench_generate.log "$PYTHON" benchmarks/bench_generate.py --device cuda --dtype bfloat16 \
-  --contexts 1024 8192 32768 --decode-tokens 32 --caches "${GENERATE_CACHES[@]}" --out "$LOGS/generate"
+step bench_generate bench_generate.log bash -c "'$PYTHON' benchmarks/bench_generate.py --device cuda \
+  --dtype bfloat16 --contexts 1024 8192 32768 --decode-tokens 32 --caches full lococo h2o --out '$LOGS/generate' \
+  && '$PYTHON' benchmarks/bench_generate.py --model llama-2-7b-2layers --device cuda --dtype bfloat16 \
+  --contexts 1024 8192 32768 --decode-tokens 32 --caches full lococo h2o --out '$LOGS/generate'"
 
 if "$PYTHON" -c "import pytest" >/dev/null 2>&1; then
   PYTEST_ARGS=(tests -k cuda -q -p no:cacheprovider)
