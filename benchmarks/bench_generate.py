@@ -135,7 +135,8 @@ def run_one(args) -> dict:
     q = statistics.quantiles(latencies, n=10)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _peak_rss_mb()
     return {
-        "model": args.model, "cache": args.cache, "context": T, "prefill": args.prefill, "decode_tokens": len(latencies),
+        "model": args.model, "cache": args.cache, "context": T, "prefill": args.prefill,
+        "decode_tokens": len(latencies),
         "tokens_per_s": round(len(latencies) / sum(latencies), 2),
         "latency_ms_p50": round(1e3 * statistics.median(latencies), 2),
         "latency_ms_p20": round(1e3 * q[1], 2), "latency_ms_p80": round(1e3 * q[7], 2),

@@ -44,28 +44,12 @@ DEFAULT_LR = 1e-2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .argtypes import add_assets_dir, fraction, non_negative_int, odd_int, positive_int, positive_real
+    from .argtypes import fraction, non_negative_int, positive_int, positive_real
+    from .train import add_model_and_compressor_arguments
 
-    data = parser.add_argument_group("model and data")
-    data.add_argument("--output", required=True, help="output folder (also resumes from it)")
-    data.add_argument("--model", default=None, help="a from_pretrained folder (default: the fetched SmolLM2-135M)")
-    add_assets_dir(data)
-    data.add_argument("--docs", nargs="+", metavar="FILE",
-                      help="train on these plain-text files instead of the split's train documents")
-    data.add_argument("--split-file", default=None, help="a splits.json (default: the packaged one)")
-    data.add_argument("--max-docs", type=positive_int, default=None, help="use only the first N documents")
-    data.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                      help="dtype of the frozen LLM's forward (the replay runs in float32)")
-    lococo = parser.add_argument_group("compressor (ignored when resuming or with --init-from)")
-    lococo.add_argument("--num-slots", "-M", type=int_at_least_2, default=128, help="M")
-    lococo.add_argument("--chunk-size", "-B", type=positive_int, default=128, help="B")
-    lococo.add_argument("--rho", type=fraction, default=0.5)
-    lococo.add_argument("--beta", type=non_negative_int, default=16)
-    lococo.add_argument("--kernel-size", type=odd_int(1), default=21)
-    lococo.add_argument("--num-local", type=non_negative_int, default=0)
-    lococo.add_argument("--alpha-init", type=fraction, default=0.0,
-                        help="initial alpha (0: start from H2O's selection and let training blend in the mix)")
-    lococo.add_argument("--init-std", type=positive_real, default=0.05)
+    lococo = add_model_and_compressor_arguments(
+        parser, dtype_help="dtype of the frozen LLM's forward (the replay runs in float32)",
+        compressor_group="compressor (ignored when resuming or with --init-from)", alpha_init=0.0, init_std=0.05)
     lococo.add_argument("--no-slot-bias", dest="slot_bias", action="store_false",
                         help="no learned attention logit per fused slot (the paper's semantics)")
     opt = parser.add_argument_group("optimisation")
@@ -87,12 +71,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="every N sequences, also measure H2O's error on the same sequence (0: never)")
     out.add_argument("--save-every", type=positive_int, default=4, help="checkpoint every N sequences")
     out.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-
-
-def int_at_least_2(text: str) -> int:
-    from .argtypes import int_at_least
-
-    return int_at_least(2)(text)
 
 
 def validate(args) -> None:
@@ -278,6 +256,8 @@ def write_csv_and_plot(output: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .train import save_with_alpha_panel
+
     fig, (ax_err, ax_alpha) = plt.subplots(1, 2, figsize=(11, 4))
     ax_err.plot([r["tokens"] for r in rows], [r["error"] for r in rows], lw=1, label="LoCoCo")
     compared = [r for r in rows if "h2o_error" in r]
@@ -287,15 +267,7 @@ def write_csv_and_plot(output: Path) -> None:
                title="layer-local loss")
     ax_err.legend()
     ax_err.grid(alpha=0.3)
-    num_layers = len(rows[0]["alpha"])
-    for layer in range(num_layers):
-        ax_alpha.plot([r["tokens"] for r in rows], [r["alpha"][layer] for r in rows], lw=0.8,
-                      color=plt.cm.viridis(layer / max(1, num_layers - 1)))
-    ax_alpha.set(xlabel="training tokens", ylabel="alpha", title="alpha per layer (dark = first layer)")
-    ax_alpha.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(output / "loss.png", dpi=120)
-    plt.close(fig)
+    save_with_alpha_panel(fig, ax_alpha, [r["tokens"] for r in rows], rows, "training tokens", output / "loss.png")
 
 
 # ----------------------------------------------------------------------------------------

@@ -56,7 +56,9 @@ from .argtypes import (
 DEFAULT_LR = {"compressor": 5e-2, "embed_norm": 2.5e-4, "lora": 5e-5}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_and_compressor_arguments(parser: argparse.ArgumentParser, *, dtype_help: str, compressor_group: str,
+                                       alpha_init: float, init_std: float):
+    """The model, data and LoCoCo flags of `lococo train` and `lococo distill`; returns the compressor group."""
     data = parser.add_argument_group("model and data")
     data.add_argument("--output", required=True, help="output folder (also resumes from it)")
     data.add_argument("--model", default=None,
@@ -66,18 +68,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="train on these plain-text files instead of the split's train documents")
     data.add_argument("--split-file", default=None, help="a splits.json (default: the packaged one)")
     data.add_argument("--max-docs", type=positive_int, default=None, help="use only the first N documents")
-    data.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                      help="dtype of the frozen LLM")
+    data.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help=dtype_help)
 
-    lococo = parser.add_argument_group("compressor (the LoCoCo hyper-parameters)")
+    lococo = parser.add_argument_group(compressor_group)
     lococo.add_argument("--num-slots", "-M", type=positive_int, default=128, help="M")
     lococo.add_argument("--chunk-size", "-B", type=positive_int, default=128, help="B")
     lococo.add_argument("--rho", type=fraction, default=0.5, help="fraction of fused slots, in [0, 1]")
     lococo.add_argument("--beta", type=non_negative_int, default=16)
     lococo.add_argument("--kernel-size", type=odd_int(), default=21)
     lococo.add_argument("--num-local", type=non_negative_int, default=0)
-    lococo.add_argument("--alpha-init", type=finite_real, default=0.5)
-    lococo.add_argument("--init-std", type=positive_real, default=1.0)
+    lococo.add_argument("--alpha-init", type=finite_real, default=alpha_init)
+    lococo.add_argument("--init-std", type=positive_real, default=init_std)
+    return lococo
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_and_compressor_arguments(parser, dtype_help="dtype of the frozen LLM",
+                                       compressor_group="compressor (the LoCoCo hyper-parameters)",
+                                       alpha_init=0.5, init_std=1.0)
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--chunks-per-seq", "-P", type=positive_int, default=32,
@@ -354,6 +362,20 @@ def load_trainable_state(model, compressor, state: dict) -> None:
                 own[key[len("model."):]].copy_(value)
 
 
+def save_with_alpha_panel(fig, ax, xs: list, rows: list[dict], xlabel: str, path: Path) -> None:
+    """Draws every layer's alpha against ``xs`` on ``ax`` (dark = first layer), then saves ``fig``."""
+    import matplotlib.pyplot as plt
+
+    num_layers = len(rows[0]["alpha"])
+    for layer in range(num_layers):
+        ax.plot(xs, [r["alpha"][layer] for r in rows], lw=0.8, color=plt.cm.viridis(layer / max(1, num_layers - 1)))
+    ax.set(xlabel=xlabel, ylabel="alpha", title="alpha per layer (dark = first layer)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_csv_and_plot(output: Path) -> None:
     rows = run_folder.read_log(output)
     if not rows:
@@ -377,14 +399,7 @@ def write_csv_and_plot(output: Path) -> None:
     ax_loss.plot(steps, [r["loss"] for r in rows], lw=1)
     ax_loss.set(xlabel="update", ylabel="loss (mean over chunks)", title="training loss")
     ax_loss.grid(alpha=0.3)
-    for layer in range(num_layers):
-        ax_alpha.plot(steps, [r["alpha"][layer] for r in rows], lw=0.8,
-                      color=plt.cm.viridis(layer / max(1, num_layers - 1)))
-    ax_alpha.set(xlabel="update", ylabel="alpha", title="alpha per layer (dark = first layer)")
-    ax_alpha.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(output / "loss.png", dpi=120)
-    plt.close(fig)
+    save_with_alpha_panel(fig, ax_alpha, steps, rows, "update", output / "loss.png")
 
 
 # ----------------------------------------------------------------------------------------
