@@ -281,13 +281,80 @@ def lr_at(progress: float, peak: float, warmup: float) -> float:
     return peak * max(0.0, 1.0 - progress) / max(1e-9, 1.0 - warmup)
 
 
+def build_compressor(args, model):
+    """The compressor and its per-layer optimizers: from the run's checkpoint, from --init-from, or new.
+
+    Returns (compressor, optimizers, sequences already done).
+    """
+    import torch
+
+    from ..compressor import LoCoCoCompressor
+    from ..config import LoCoCoConfig
+
+    ckpt = Path(args.output) / "checkpoint"
+    done = 0
+    if ckpt.is_dir():
+        compressor = LoCoCoCompressor.from_pretrained(ckpt / "compressor", model=model, dtype=torch.float32)
+        done = json.loads((ckpt / "progress.json").read_text())["sequences"]
+    elif args.init_from:
+        compressor = LoCoCoCompressor.from_pretrained(args.init_from, model=model, dtype=torch.float32)
+    else:
+        compressor = LoCoCoCompressor.for_model(model, LoCoCoConfig(
+            num_slots=args.num_slots, rho=args.rho, beta=args.beta, kernel_size=args.kernel_size,
+            num_local=args.num_local, alpha_init=args.alpha_init, init_std=args.init_std,
+            chunk_size=args.chunk_size, slot_bias=args.slot_bias))
+    compressor.requires_grad_(True)
+    optimizers = [torch.optim.AdamW(layer.parameters(), lr=args.lr, weight_decay=0.0) for layer in compressor.layers]
+    if ckpt.is_dir():
+        for opt, state in zip(optimizers, torch.load(ckpt / "optimizers.pt", weights_only=True)):
+            opt.load_state_dict(state)
+    return compressor, optimizers, done
+
+
+def train_batch(args, model, compressor, optimizers, ids, lr: float, compare: bool) -> dict:
+    """One teacher forward, then every layer's replay with its updates; the log row's numbers."""
+    import torch
+
+    started = time.perf_counter()
+    records = teacher_records(model, ids)
+    teacher_seconds = time.perf_counter() - started
+    errors, h2o_errors = [], []
+    for index, (layer, opt) in enumerate(zip(compressor.layers, optimizers)):
+        attn = model.model.layers[index].self_attn
+        for group in opt.param_groups:
+            group["lr"] = lr
+
+        def update(layer=layer, opt=opt):
+            torch.nn.utils.clip_grad_norm_(layer.parameters(), args.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if args.alpha_range == "clamp":
+                with torch.no_grad():
+                    layer.alpha.clamp_(0.0, 1.0)
+
+        total, count = replay_layer(layer, compressor.config, records[index], attn, step_every=args.update_every,
+                                    on_update=update)
+        errors.append(total / max(1, count))
+        if compare:
+            with torch.no_grad():
+                total, count = replay_layer(layer, compressor.config, records[index], attn, alpha=0.0)
+            h2o_errors.append(total / max(1, count))
+        records[index] = None
+    row = {"error": sum(errors) / len(errors), "layer_error": errors, "lr": lr,
+           "seconds": time.perf_counter() - started, "teacher_seconds": teacher_seconds,
+           "alpha": [float(layer.alpha.detach()) for layer in compressor.layers]}
+    if compare:
+        row.update(h2o_error=sum(h2o_errors) / len(h2o_errors), layer_h2o_error=h2o_errors)
+        row["ratio"] = row["error"] / row["h2o_error"]
+    return row
+
+
 def main(args) -> int:
+    """`lococo distill`, with arguments that ``validate`` has checked."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from tqdm.auto import tqdm
 
-    from ..compressor import LoCoCoCompressor
-    from ..config import LoCoCoConfig
     from .train import TokenWindows, load_llm, training_documents
 
     output = Path(args.output)
@@ -298,84 +365,31 @@ def main(args) -> int:
     model.eval()
     register_capture()
     model.set_attn_implementation(CAPTURE)
-
-    ckpt = output / "checkpoint"
-    if ckpt.is_dir():
-        compressor = LoCoCoCompressor.from_pretrained(ckpt / "compressor", model=model, dtype=torch.float32)
-        done = json.loads((ckpt / "progress.json").read_text())["sequences"]
-    elif args.init_from:
-        compressor = LoCoCoCompressor.from_pretrained(args.init_from, model=model, dtype=torch.float32)
-        done = 0
-    else:
-        compressor = LoCoCoCompressor.for_model(model, LoCoCoConfig(
-            num_slots=args.num_slots, rho=args.rho, beta=args.beta, kernel_size=args.kernel_size,
-            num_local=args.num_local, alpha_init=args.alpha_init, init_std=args.init_std,
-            chunk_size=args.chunk_size, slot_bias=args.slot_bias))
-        done = 0
-    config = compressor.config
-    compressor.requires_grad_(True)
-    optimizers = [torch.optim.AdamW(layer.parameters(), lr=args.lr, weight_decay=0.0)
-                  for layer in compressor.layers]
-    if ckpt.is_dir():
-        for opt, state in zip(optimizers, torch.load(ckpt / "optimizers.pt", weights_only=True)):
-            opt.load_state_dict(state)
-    (output / "train_args.json").write_text(json.dumps(vars(args), indent=2, default=str))
-
+    compressor, optimizers, done = build_compressor(args, model)
+    (output / "train_args.json").write_text(json.dumps(
+        {k: v for k, v in vars(args).items() if k not in ("func", "validate")}, indent=2, default=str))
     docs, read = training_documents(args, tokenizer)
     windows = TokenWindows(docs, read, tokenizer, args.seq_len, args.seed)
-    decoder_layers = model.model.layers
-    log = open(output / "log.jsonl", "a")
+
     bar = tqdm(total=args.sequences, initial=done, disable=args.no_progress, unit="seq")
-    while done < args.sequences:
-        batch = min(args.batch_size, args.sequences - done)
-        ids = torch.stack([windows[done + i] for i in range(batch)])
-        lr = lr_at((done + batch / 2) / args.sequences, args.lr, args.warmup)   # at the batch's midpoint
-        started = time.perf_counter()
-        records = teacher_records(model, ids)
-        teacher_seconds = time.perf_counter() - started
-        compare = args.compare_every > 0 and done % args.compare_every == 0
-        errors, h2o_errors = [], []
-        for index, (layer, opt) in enumerate(zip(compressor.layers, optimizers)):
-            attn = decoder_layers[index].self_attn
-            for group in opt.param_groups:
-                group["lr"] = lr
-
-            def update(layer=layer, opt=opt):
-                torch.nn.utils.clip_grad_norm_(layer.parameters(), args.max_grad_norm)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if args.alpha_range == "clamp":
-                    with torch.no_grad():
-                        layer.alpha.clamp_(0.0, 1.0)
-
-            total, count = replay_layer(layer, config, records[index], attn, step_every=args.update_every,
-                                        on_update=update)
-            errors.append(total / max(1, count))
-            if compare:
-                with torch.no_grad():
-                    total, count = replay_layer(layer, config, records[index], attn, alpha=0.0)
-                h2o_errors.append(total / max(1, count))
-            records[index] = None
-        done += batch
-        row = {"sequences": done, "tokens": done * args.seq_len, "error": sum(errors) / len(errors),
-               "layer_error": errors, "lr": lr, "seconds": time.perf_counter() - started,
-               "teacher_seconds": teacher_seconds,
-               "alpha": [float(layer.alpha.detach()) for layer in compressor.layers]}
-        if compare:
-            row["h2o_error"] = sum(h2o_errors) / len(h2o_errors)
-            row["ratio"] = row["error"] / row["h2o_error"]
-            row["layer_h2o_error"] = h2o_errors
-        if not all(math.isfinite(e) for e in errors):
-            raise SystemExit(f"lococo distill: the loss became {row['error']} at sequence {done}; lower --lr")
-        log.write(json.dumps(row) + "\n")
-        log.flush()
-        bar.update(batch)
-        bar.set_postfix(error=f"{row['error']:.4f}", ratio=f"{row.get('ratio', float('nan')):.3f}")
-        if done % args.save_every == 0 or done >= args.sequences:
-            save_checkpoint(output, compressor, optimizers, done)
-            write_csv_and_plot(output)
+    with open(output / "log.jsonl", "a") as log:
+        while done < args.sequences:
+            batch = min(args.batch_size, args.sequences - done)
+            ids = torch.stack([windows[done + i] for i in range(batch)])
+            lr = lr_at((done + batch / 2) / args.sequences, args.lr, args.warmup)   # at the batch's midpoint
+            compare = args.compare_every > 0 and done % args.compare_every == 0
+            row = train_batch(args, model, compressor, optimizers, ids, lr, compare)
+            done += batch
+            if not all(math.isfinite(e) for e in row["layer_error"]):
+                raise SystemExit(f"lococo distill: the loss became {row['error']} at sequence {done}; lower --lr")
+            log.write(json.dumps({"sequences": done, "tokens": done * args.seq_len, **row}) + "\n")
+            log.flush()
+            bar.update(batch)
+            bar.set_postfix(error=f"{row['error']:.4f}", ratio=f"{row.get('ratio', float('nan')):.3f}")
+            if done % args.save_every == 0 or done >= args.sequences:
+                save_checkpoint(output, compressor, optimizers, done)
+                write_csv_and_plot(output)
     bar.close()
-    log.close()
     compressor.save_pretrained(output)
     write_csv_and_plot(output)
     print(f"lococo distill: {done} sequences of {args.seq_len} tokens; compressor in {output}")
