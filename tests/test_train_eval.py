@@ -106,7 +106,9 @@ def test_eval_writes_every_method(tiny_model, docs, tmp_path):
     # full: 96 entries per layer; the others at most M + beta + B = 28
     assert memory["full"] == 2 * 2 * 2 * 96 * 8 * 4
     assert memory["lococo"] == memory["h2o"] == memory["streaming"] <= 2 * 2 * 2 * 28 * 8 * 4
-    table = (out / "results.md").read_text().splitlines()
+    table, _, intervals = (out / "results.md").read_text().partition("\n\n")
+    table = table.splitlines()
+    assert "bootstrap interval" in intervals and "| LoCoCo |" in intervals
     assert len(table) == 2 + len(methods) and "| LoCoCo | 16 |" in table[3]
     assert (out / "ppl_by_position.png").stat().st_size > 0
     meta = json.loads((out / "eval_meta.json").read_text())
