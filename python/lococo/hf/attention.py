@@ -67,6 +67,17 @@ def _allowed_keys(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, 
     return attention_mask > torch.finfo(attention_mask.dtype).min / 2
 
 
+def _grouped_allowed(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, kv_heads: int, groups: int,
+                     device) -> torch.Tensor | None:
+    """The mask as booleans shaped like grouped logits: [b or 1, kv_heads or 1, groups or 1, q, kv], or None."""
+    allowed = _allowed_keys(attention_mask, q_len, kv_len, device)
+    if allowed is None:
+        return None
+    if allowed.shape[1] == 1:
+        return allowed.unsqueeze(1)
+    return allowed.reshape(allowed.shape[0], kv_heads, groups, q_len, kv_len)
+
+
 def attention_scores(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
                      scaling: float | None = None) -> torch.Tensor:
     """Scores [b, kv_heads, kv_len] (float32) of docs/design.md#attention-scores for one attention call.
@@ -79,12 +90,7 @@ def attention_scores(query: torch.Tensor, key: torch.Tensor, attention_mask: tor
     kv_heads, kv_len = key.shape[1], key.shape[2]
     groups = num_heads // kv_heads
     scaling = d ** -0.5 if scaling is None else scaling
-    allowed = _allowed_keys(attention_mask, q_len, kv_len, query.device)
-    if allowed is not None:
-        if allowed.shape[1] == 1:
-            allowed = allowed.unsqueeze(1)                                   # [b, 1, 1, q, kv]
-        else:
-            allowed = allowed.reshape(allowed.shape[0], kv_heads, groups, q_len, kv_len)
+    allowed = _grouped_allowed(attention_mask, q_len, kv_len, kv_heads, groups, query.device)
     grouped_q = query.view(b, kv_heads, groups, q_len, d)
     key_t = key.transpose(-1, -2)                                            # [b, kv_heads, d, kv]
     step = max(1, SCORE_BLOCK_ELEMENTS // max(1, b * num_heads * kv_len))
@@ -108,11 +114,12 @@ def attention_scores(query: torch.Tensor, key: torch.Tensor, attention_mask: tor
 
 
 def biased_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask: torch.Tensor | None, logit_bias: torch.Tensor, dropout: float = 0.0,
+                     attention_mask: torch.Tensor | None, logit_bias: torch.Tensor | None, dropout: float = 0.0,
                      scaling: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention with an additive logit per stored entry: (output [b, q, heads, d], probs, scores).
 
-    ``logit_bias`` [b, kv_heads, stored] covers the first ``stored`` keys (the new ones get 0). Eager
+    ``logit_bias`` [b, kv_heads, stored] covers the first ``stored`` keys (the new ones get 0; None: no
+    logit anywhere). Eager
     arithmetic (float32 softmax, masked logits filled, queries that see no key give zeros), so that a
     NaN or padded entry never leaks through an additive mask. ``scores`` are those of ``attention_scores``
     for the biased probabilities.
@@ -121,16 +128,13 @@ def biased_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     kv_heads, kv_len = key.shape[1], key.shape[2]
     groups = num_heads // kv_heads
     scaling = d ** -0.5 if scaling is None else scaling
-    bias = torch.nn.functional.pad(logit_bias.float(), (0, kv_len - logit_bias.shape[-1]))
     grouped_q = query.reshape(b, kv_heads, groups * q_len, d)
     logits = torch.matmul(grouped_q, key.transpose(-1, -2)).float().mul_(scaling)
-    logits = (logits + bias.unsqueeze(2)).view(b, kv_heads, groups, q_len, kv_len)
-    allowed = _allowed_keys(attention_mask, q_len, kv_len, query.device)
+    if logit_bias is not None:
+        logits = logits + torch.nn.functional.pad(logit_bias.float(), (0, kv_len - logit_bias.shape[-1])).unsqueeze(2)
+    logits = logits.view(b, kv_heads, groups, q_len, kv_len)
+    allowed = _grouped_allowed(attention_mask, q_len, kv_len, kv_heads, groups, query.device)
     if allowed is not None:
-        if allowed.shape[1] == 1:
-            allowed = allowed.unsqueeze(1)
-        else:
-            allowed = allowed.reshape(allowed.shape[0], kv_heads, groups, q_len, kv_len)
         logits = logits.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if allowed is not None:

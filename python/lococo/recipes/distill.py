@@ -33,6 +33,7 @@ run resumes.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import math
@@ -136,15 +137,6 @@ def teacher_records(model, ids):
 # One layer's LoCoCo recurrence on the teacher's tensors
 # ----------------------------------------------------------------------------------------
 
-def chunk_mask(stored: int, new: int, device):
-    """[1, 1, new, stored + new] bool: every stored entry visible, the new ones causal."""
-    import torch
-
-    i = torch.arange(new, device=device).unsqueeze(-1)
-    j = torch.arange(stored + new, device=device)
-    return ((j < stored) | (j - stored <= i)).view(1, 1, new, stored + new)
-
-
 def replay_layer(layer_compressor, config, record, attention_module, *, alpha: float | None = None,
                  step_every: int = 0, on_update=None) -> tuple[float, int]:
     """The LoCoCo cache of one layer over a recorded sequence, chunk by chunk, as at inference.
@@ -166,17 +158,20 @@ def replay_layer(layer_compressor, config, record, attention_module, *, alpha: f
     w_o = attention_module.o_proj.weight.float()
     target = target.reshape(b, total, heads * d)
 
-    layer = LoCoCoLayer(layer_compressor if alpha is None else _FixedAlpha(layer_compressor, alpha), config)
+    if alpha is not None:  # a frozen copy at this alpha, without slot logits
+        layer_compressor = copy.deepcopy(layer_compressor).requires_grad_(False)
+        layer_compressor.alpha.fill_(alpha)
+        layer_compressor.slot_logit = None
+    layer = LoCoCoLayer(layer_compressor, config)
     error_sum, compressed_chunks, pending = 0.0, 0, 0
     train = step_every > 0
     for start in range(0, total, config.chunk_size):
         stop = min(total, start + config.chunk_size)
         with torch.set_grad_enabled(train and layer._will_compress()):
             keys, values = layer.update(key[:, :, start:stop], value[:, :, start:stop])
-            mask = chunk_mask(keys.shape[2] - (stop - start), stop - start, query.device)
-            logit_bias = layer.logit_bias if layer.logit_bias is not None else keys.new_zeros(b, keys.shape[1], 0)
-            out, _, scores = biased_attention(attention_module, query[:, :, start:stop], keys, values, mask,
-                                              logit_bias, scaling=attention_module.scaling)
+            # no mask: every stored entry visible, the new ones causal (bottom-right aligned)
+            out, _, scores = biased_attention(attention_module, query[:, :, start:stop], keys, values, None,
+                                              layer.logit_bias, scaling=attention_module.scaling)
             layer.record_scores(scores)
             if layer.num_compressions:
                 reference = target[:, start:stop] @ w_o.T
@@ -194,26 +189,6 @@ def replay_layer(layer_compressor, config, record, attention_module, *, alpha: f
     if train and pending:
         on_update()
     return error_sum, compressed_chunks
-
-
-class _FixedAlpha:
-    """A layer compressor's forward with alpha replaced (no gradient): the H2O end of the blend."""
-
-    def __init__(self, compressor, alpha: float):
-        self.compressor, self.alpha = compressor, alpha
-        self.head_dim, self.num_fused = compressor.head_dim, compressor.num_fused
-
-    def __call__(self, mem_k, mem_v, new_k, new_v, scores, num_heavy, num_local=0, valid_len=None):
-        import torch
-
-        from ..ops import fuse_kv
-
-        c = self.compressor
-        cast = {"device": mem_k.device, "dtype": mem_k.dtype}
-        bias = None if c.bias is None else c.bias.detach().to(**cast)
-        alpha = torch.tensor(self.alpha, **cast)
-        return fuse_kv(mem_k, mem_v, new_k, new_v, scores, c.weight.detach().to(**cast), bias, alpha,
-                       num_heavy, num_local, valid_len)
 
 
 # ----------------------------------------------------------------------------------------

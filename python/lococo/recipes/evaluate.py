@@ -319,13 +319,14 @@ def bootstrap_intervals(per_document: list[tuple[list[float], list[int]]], resam
     buckets = len(per_document[0][0]) if per_document else 0
     if resamples < 1 or len(per_document) < 2:
         return [(None, None)] * (buckets + 1)
+    with_all = [(sums + [sum(sums)], counts + [sum(counts)]) for sums, counts in per_document]
     rng = random.Random(seed)
     draws: list[list[float]] = [[] for _ in range(buckets + 1)]
     for _ in range(resamples):
-        chosen = [per_document[rng.randrange(len(per_document))] for _ in per_document]
+        chosen = [with_all[rng.randrange(len(with_all))] for _ in with_all]
         for b in range(buckets + 1):
-            loss = sum(sum(s) if b == buckets else s[b] for s, _ in chosen)
-            count = sum(sum(c) if b == buckets else c[b] for _, c in chosen)
+            loss = sum(sums[b] for sums, _ in chosen)
+            count = sum(counts[b] for _, counts in chosen)
             if count:
                 draws[b].append(math.exp(loss / count))
     out = []

@@ -94,7 +94,7 @@ def prompt_ids(tokenizer, length: int, depth: float, key: int) -> list[int]:
     repeats = room // len(filler)
     before = round(depth * repeats)
     body = filler * before + needle + filler * (repeats - before)
-    pad = encode(FILLER)[: room - repeats * len(filler)]
+    pad = filler[: room - repeats * len(filler)]
     return intro + pad + body + question
 
 
@@ -107,6 +107,8 @@ def run(args, model, tokenizer, methods: list[str], make_cache, chunk_size: int,
     """One row per (method, length, depth): trials and successes."""
     import torch
     from tqdm.auto import tqdm
+
+    from ..hf.compat import cache_kwarg
 
     lengths, depths = args.lengths, args.depths
     rng = random.Random(args.seed)
@@ -121,7 +123,7 @@ def run(args, model, tokenizer, methods: list[str], make_cache, chunk_size: int,
                 out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=ANSWER_TOKENS,
                                      do_sample=False, prefill_chunk_size=chunk_size,
                                      pad_token_id=tokenizer.eos_token_id,
-                                     **{_cache_kwarg(model): make_cache(method)})
+                                     **{cache_kwarg(model): make_cache(method)})
             answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
             cell = (method, length, depth)
             hits[cell] = hits.get(cell, 0) + int(first_number(answer) == key)
@@ -131,12 +133,6 @@ def run(args, model, tokenizer, methods: list[str], make_cache, chunk_size: int,
     return [{"method": m, "length": length, "depth": depth, "trials": args.trials,
              "successes": hits[(m, length, depth)]}
             for m in methods for length in lengths for depth in depths]
-
-
-def _cache_kwarg(model) -> str:
-    from ..hf.compat import cache_kwarg
-
-    return cache_kwarg(model)
 
 
 def write_results(output: Path, rows: list[dict], labels: dict[str, str], num_slots: int) -> str:
