@@ -16,6 +16,20 @@ import torch
 apply_rotary_pos_emb = pytest.importorskip("transformers.models.llama.modeling_llama").apply_rotary_pos_emb
 
 
+def layer_qkv(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """A Llama-family decoder layer's queries and keys after RoPE and its values, [b, heads, q, d] each."""
+    attn = layer.self_attn
+    b, q, d = x.shape[0], x.shape[1], attn.head_dim
+    h = layer.input_layernorm(x)
+    qs = attn.q_proj(h).view(b, q, -1, d)
+    ks = attn.k_proj(h).view(b, q, -1, d)
+    vs = attn.v_proj(h).view(b, q, -1, d).transpose(1, 2)
+    if hasattr(attn, "q_norm"):  # Qwen3
+        qs, ks = attn.q_norm(qs), attn.k_norm(ks)
+    qs, ks = apply_rotary_pos_emb(qs.transpose(1, 2), ks.transpose(1, 2), cos, sin)
+    return qs, ks, vs
+
+
 def best_first(scores: list[float], candidates) -> list[int]:
     """Candidates by score, larger first; ties to the lower index."""
     return sorted(candidates, key=lambda j: (-scores[j], j))
@@ -142,13 +156,7 @@ class SlotLoop:
         for i, layer in enumerate(inner.layers):
             attn = layer.self_attn
             d = attn.head_dim
-            h = layer.input_layernorm(x)
-            qs = attn.q_proj(h).view(b, q, -1, d)
-            ks = attn.k_proj(h).view(b, q, -1, d)
-            vs = attn.v_proj(h).view(b, q, -1, d).transpose(1, 2)
-            if hasattr(attn, "q_norm"):  # Qwen3
-                qs, ks = attn.q_norm(qs), attn.k_norm(ks)
-            qs, ks = apply_rotary_pos_emb(qs.transpose(1, 2), ks.transpose(1, 2), cos, sin)
+            qs, ks, vs = layer_qkv(layer, x, cos, sin)
             if self.keys[i] is not None and self.keys[i].shape[2] > self.num_slots + self.beta:
                 self._compress(i)
             if self.keys[i] is None:
@@ -176,6 +184,20 @@ class SlotLoop:
         """Keys and values [kv_heads, n, d] of one row's valid entries in one layer, in cache order."""
         index = self.valid[layer][row].nonzero().flatten()
         return self.keys[layer][row][:, index], self.values[layer][row][:, index]
+
+
+def assert_cache_matches_loop(cache, loop: SlotLoop, got_logits: torch.Tensor, want_logits: torch.Tensor,
+                              mask: torch.Tensor) -> None:
+    """Logits at the real positions, and each row's valid keys and values in every layer, equal the loop's."""
+    real = mask.bool()
+    torch.testing.assert_close(got_logits[real], want_logits[real], rtol=1e-4, atol=1e-4)
+    for i, layer in enumerate(cache.layers):
+        for row in range(mask.shape[0]):
+            n = int(layer.valid_len[row])
+            want_k, want_v = loop.valid_entries(i, row)
+            assert want_k.shape[1] == n
+            torch.testing.assert_close(layer.keys[row, :, layer.stored_length - n:], want_k, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(layer.values[row, :, layer.stored_length - n:], want_v, rtol=1e-4, atol=1e-4)
 
 
 def run_chunks(loop: SlotLoop, ids: torch.Tensor, mask: torch.Tensor, chunk: int, fed: int = 0) -> torch.Tensor:

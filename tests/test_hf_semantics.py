@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from slot_loop import layer_qkv
 
 import lococo
 from lococo import reference
 
 from hf_models import random_ids, tiny_compressor, tiny_model
-
-apply_rotary_pos_emb = pytest.importorskip("transformers.models.llama.modeling_llama").apply_rotary_pos_emb
 
 
 def spec_loop(model, compressor, input_ids, chunk, detach_between_chunks=False):
@@ -40,14 +39,8 @@ def spec_loop(model, compressor, input_ids, chunk, detach_between_chunks=False):
         cos, sin = inner.rotary_emb(x, torch.arange(start, start + q).unsqueeze(0))
         for i, layer in enumerate(inner.layers):
             attn = layer.self_attn
-            h = layer.input_layernorm(x)
             d = attn.head_dim
-            qs = attn.q_proj(h).view(b, q, -1, d)
-            ks = attn.k_proj(h).view(b, q, -1, d)
-            vs = attn.v_proj(h).view(b, q, -1, d).transpose(1, 2)
-            if hasattr(attn, "q_norm"):  # Qwen3
-                qs, ks = attn.q_norm(qs), attn.k_norm(ks)
-            qs, ks = apply_rotary_pos_emb(qs.transpose(1, 2), ks.transpose(1, 2), cos, sin)
+            qs, ks, vs = layer_qkv(layer, x, cos, sin)
             if K[i] is not None and K[i].shape[2] > M + beta:
                 c = compressor[i]
                 scores = torch.zeros(K[i].shape[:3]) if pure_conv else S[i]
