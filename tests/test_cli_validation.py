@@ -50,6 +50,7 @@ EVAL = ["eval", "--docs", __file__, "--output"]
     (["--buckets", "0,0,0"], "--buckets", "must be at least two strictly increasing integers >= 0, got '0,0,0'"),
     (["--beta", "-1"], "--beta", "must be an integer >= 0, got -1"),
     (["-M", "-3"], "--num-slots/-M", "must be an integer >= 1, got -3"),
+    (["--num-local", "-1"], "--num-local", "must be an integer >= 0, got -1"),
     (["--methods", "full,bogus"], "--methods", "unknown methods ['bogus']"),
 ])
 def test_eval_numbers_are_checked_by_argparse(capsys, tmp_path, argv, flag, expected):
@@ -59,6 +60,8 @@ def test_eval_numbers_are_checked_by_argparse(capsys, tmp_path, argv, flag, expe
 
 @pytest.mark.parametrize("argv, expected", [
     (["-M", "1", "--methods", "full,streaming"], "--num-slots 1 does not suit the streaming method"),
+    (["-M", "8", "--num-local", "9", "--methods", "h2o"],
+     "--num-slots 8 and --num-local 9 do not suit the h2o method: num_local must be in [0, num_slots = 8]"),
     (["--buckets", "9000,10000", "--max-tokens", "8192"], "--buckets start at 9000"),
     (["--methods", "full,lococo"], "the lococo method needs --compressor"),
     (["--device", "gpu0"], "--device gpu0: not a device (cpu, cuda, cuda:N)"),

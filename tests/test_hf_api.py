@@ -159,8 +159,17 @@ def test_build_cache_kinds():
     stream = lococo.build_cache("streaming", model, num_slots=32)
     assert len(stream.layers) == 2 and stream.layers[0].beta == 16
     assert type(lococo.build_cache("full", model)).__name__ == "DynamicCache"
+    assert h2o.layers[0].num_local == 0
     with pytest.raises(ValueError, match="needs num_slots"):
         lococo.build_cache("h2o", model)
+
+
+def test_h2o_built_beside_a_compressor_keeps_its_recent_window():
+    model = tiny_model("llama")
+    compressor = tiny_compressor(model, num_local=4)
+    assert all(layer.num_local == 4 for layer in lococo.build_cache("h2o", model, compressor).layers)
+    assert lococo.build_cache("h2o", model, compressor, num_local=0).layers[1].num_local == 0
+    assert lococo.build_cache("h2o", model, num_slots=8, num_local=3).layers[0].num_local == 3
     with pytest.raises(ValueError, match="kind must be one of"):
         lococo.build_cache("snapkv", model)
 

@@ -115,6 +115,24 @@ def test_eval_writes_every_method(tiny_model, docs, tmp_path):
     assert meta["documents"] == docs
 
 
+def test_eval_gives_h2o_the_compressors_recent_window(tiny_model, docs, tmp_path):
+    run = tmp_path / "run"
+    assert train(tiny_model, docs, run, "--steps", "1", "--num-local", "3") == 0
+    common = ["eval", "--model", str(tiny_model), "--compressor", str(run), "--docs", docs[0], "--max-tokens",
+              "96", "--buckets", "0,96", "--methods", "h2o", "--bootstrap", "0", "--no-progress"]
+    ppl = {}
+    for local in (None, "0", "3"):
+        out = tmp_path / f"eval-{local}"
+        assert cli.main(common + ["--output", str(out)] + (["--num-local", local] if local else [])) == 0
+        with open(out / "methods.csv") as handle:
+            (row,) = csv.DictReader(handle)
+        assert int(row["num_local"]) == int(local or 3)
+        assert ("| H2O (3 recent) |" in (out / "results.md").read_text()) == (local != "0")
+        with open(out / "ppl_by_position.csv") as handle:
+            ppl[local] = [float(r["ppl"]) for r in csv.DictReader(handle)]
+    assert ppl[None] == ppl["3"] != ppl["0"]
+
+
 def test_eval_methods_agree_before_the_cache_fills(tiny_model, docs, tmp_path):
     run = tmp_path / "run"
     assert train(tiny_model, docs, run, "--steps", "1") == 0

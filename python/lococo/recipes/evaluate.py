@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens per forward (default: the compressor's, else 128)")
     parser.add_argument("--beta", type=non_negative_int, default=None,
                         help="slack of the baselines (default: the compressor's, else 16)")
+    parser.add_argument("--num-local", type=non_negative_int, default=None,
+                        help="recent entries H2O always keeps (default: the compressor's num_local, else 0), so "
+                             "that it keeps the same recent window as LoCoCo")
     parser.add_argument("--model", default=None,
                         help="a from_pretrained folder (default: the fetched SmolLM2-135M)")
     add_assets_dir(parser)
@@ -132,8 +135,8 @@ def check_compressor_fits(geometry, model: str | None, assets_dir: str | None) -
 
 
 def fill_defaults(args, config) -> None:
-    """M, B and beta not given: the compressor's, else 128, 128 and 16."""
-    for name, default in (("num_slots", 128), ("chunk_size", 128), ("beta", 16)):
+    """M, B, beta and H2O's num_local not given: the compressor's, else 128, 128, 16 and 0."""
+    for name, default in (("num_slots", 128), ("chunk_size", 128), ("beta", 16), ("num_local", 0)):
         if getattr(args, name) is None:
             setattr(args, name, getattr(config, name) if config is not None else default)
 
@@ -142,12 +145,16 @@ def check_baselines(args) -> None:
     """The baselines' own checks of M and beta (StreamingLLM keeps 4 sinks, so M >= 4)."""
     from ..hf.caches.baselines import H2OLayer, StreamingLLMLayer
 
-    for method, layer_type in (("h2o", H2OLayer), ("streaming", StreamingLLMLayer)):
+    for method, make_layer, flags in (
+            ("h2o", lambda: H2OLayer(args.num_slots, args.beta, args.num_local),
+             f"--num-slots {args.num_slots} and --num-local {args.num_local} do not"),
+            ("streaming", lambda: StreamingLLMLayer(args.num_slots, args.beta),
+             f"--num-slots {args.num_slots} does not")):
         if method in args.methods:
             try:
-                layer_type(args.num_slots, args.beta)
+                make_layer()
             except ValueError as exc:
-                raise UsageError(f"--num-slots {args.num_slots} does not suit the {method} method: {exc}") from None
+                raise UsageError(f"{flags} suit the {method} method: {exc}") from None
 
 
 def check_device(name: str) -> None:
@@ -276,7 +283,7 @@ def write_results(output: Path, rows: list[dict], methods_rows: list[dict],
     for m in methods_rows:
         cells = [f"{ppl[(m['method'], b)]:.2f}" if ppl.get((m["method"], b)) is not None
                  else "-" for b in labels + ["all"]]
-        lines.append(f"| {METHOD_LABELS[m['method']]} | {m['num_slots'] or 'all'} | "
+        lines.append(f"| {method_label(m['method'], m['num_local'])} | {m['num_slots'] or 'all'} | "
                      + " | ".join(cells) + f" | {m['peak_kv_bytes'] / 2**20:.2f} |")
     if any(r["ppl_low"] is not None for r in rows):
         bounds = {(r["method"], r["bucket"]): (r["ppl_low"], r["ppl_high"]) for r in rows}
@@ -285,7 +292,7 @@ def write_results(output: Path, rows: list[dict], methods_rows: list[dict],
         for m in methods_rows:
             cells = [f"{lo:.2f}-{hi:.2f}" if (lo, hi) != (None, None) else "-"
                      for lo, hi in (bounds.get((m["method"], b), (None, None)) for b in labels + ["all"])]
-            lines.append(f"| {METHOD_LABELS[m['method']]} | " + " | ".join(cells) + " |")
+            lines.append(f"| {method_label(m['method'], m['num_local'])} | " + " | ".join(cells) + " |")
     (output / "results.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
@@ -297,7 +304,7 @@ def write_results(output: Path, rows: list[dict], methods_rows: list[dict],
     for m in methods_rows:
         ys = [ppl.get((m["method"], b)) for b in labels]
         ax.plot(labels, [math.nan if y is None else y for y in ys], marker="o",
-                label=f"{METHOD_LABELS[m['method']]} ({m['peak_kv_bytes'] / 2**20:.1f} MiB KV)")
+                label=f"{method_label(m['method'], m['num_local'])} ({m['peak_kv_bytes'] / 2**20:.1f} MiB KV)")
     ax.set(xlabel="token position", ylabel="perplexity",
            title=f"perplexity by position, M = {num_slots}")
     ax.grid(alpha=0.3)
@@ -410,19 +417,30 @@ def set_up(args) -> Evaluation:
     return Evaluation(model, tokenizer, model_path, device, compressor, docs, token_ids, left_out)
 
 
+def method_cache(method: str, args, ev: Evaluation):
+    """A fresh cache of one method, the baselines at the same M and beta, H2O with --num-local."""
+    from ..hf.caches import build_cache
+
+    if method in ("full", "lococo"):
+        return build_cache(method, ev.model, ev.compressor if method == "lococo" else None)
+    return build_cache(method, ev.model, num_slots=args.num_slots, beta=args.beta, num_local=args.num_local)
+
+
+def method_label(method: str, num_local: int) -> str:
+    """The method's name in tables, with H2O's recent window when it keeps one."""
+    label = METHOD_LABELS[method]
+    return f"{label} ({num_local} recent)" if method == "h2o" and num_local else label
+
+
 def run_methods(args, ev: Evaluation) -> dict[str, Totals]:
     """Every document through every method's cache."""
     from tqdm.auto import tqdm
-
-    from ..hf.caches import build_cache
 
     totals = {m: Totals([0.0] * (len(args.buckets) - 1), [0] * (len(args.buckets) - 1)) for m in args.methods}
     bar = tqdm(total=len(ev.docs) * len(args.methods), disable=args.no_progress, desc="lococo eval", unit="run")
     for (name, _), ids in zip(ev.docs, ev.token_ids):
         for method in args.methods:
-            cache = build_cache(method, ev.model, ev.compressor if method == "lococo" else None,
-                                num_slots=None if method in ("full", "lococo") else args.num_slots,
-                                beta=args.beta)
+            cache = method_cache(method, args, ev)
             start = time.perf_counter()
             losses, peak_bytes, peak_entries = token_losses(ev.model, ids, cache, args.chunk_size)
             total = totals[method]
@@ -461,8 +479,10 @@ def report(args, ev: Evaluation, totals: dict[str, Totals]) -> None:
                          "ppl": None if nll is None else round(math.exp(nll), 4),
                          "ppl_low": ppl_low, "ppl_high": ppl_high})
         tokens = sum(total.counts)
-        method_rows.append({"method": method, "num_slots": m_slots, "chunk_size": args.chunk_size,
-                            "beta": args.beta, "peak_kv_bytes": total.peak_bytes,
+        num_local = {"h2o": args.num_local,
+                     "lococo": ev.compressor.config.num_local if ev.compressor is not None else 0}.get(method, 0)
+        method_rows.append({"method": method, "num_slots": m_slots, "num_local": num_local,
+                            "chunk_size": args.chunk_size, "beta": args.beta, "peak_kv_bytes": total.peak_bytes,
                             "peak_entries_per_layer": total.peak_entries,
                             "tokens": tokens, "seconds": round(total.seconds, 2),
                             "tokens_per_second": round(tokens / max(total.seconds, 1e-9), 1)})

@@ -193,16 +193,15 @@ def main(args, ev) -> None:
 
     import lococo
 
-    from ..hf.caches import build_cache
-    from .evaluate import METHOD_LABELS
+    from .evaluate import method_cache, method_label
 
     def make_cache(method: str):
-        return build_cache(method, ev.model, ev.compressor if method == "lococo" else None,
-                           num_slots=None if method in ("full", "lococo") else args.num_slots, beta=args.beta)
+        return method_cache(method, args, ev)
 
     rows = run(args, ev.model, ev.tokenizer, args.methods, make_cache, args.chunk_size, ev.device)
     output = Path(args.output)
-    text = write_results(output, rows, METHOD_LABELS, args.num_slots)
+    labels = {m: method_label(m, args.num_local) for m in args.methods}
+    text = write_results(output, rows, labels, args.num_slots)
     (output / "passkey_meta.json").write_text(json.dumps({
         "args": {k: v for k, v in vars(args).items() if k not in ("func", "validate")},
         "model": str(ev.model_path), "device": str(ev.device), "lococo": lococo.__version__,

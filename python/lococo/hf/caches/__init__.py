@@ -25,11 +25,12 @@ CACHE_KINDS = ("lococo", "h2o", "streaming", "full")
 
 
 def build_cache(kind: str, model: nn.Module | PreTrainedConfig, compressor: LoCoCoCompressor | None = None,
-                num_slots: int | None = None, beta: int | None = None) -> Cache:
+                num_slots: int | None = None, beta: int | None = None, num_local: int | None = None) -> Cache:
     """A fresh cache of one kind for ``model``: "lococo", "h2o", "streaming" or "full".
 
-    "lococo" needs ``compressor``; the baselines take ``num_slots`` and ``beta`` from it when given,
-    else from the arguments (beta defaults to 16).
+    "lococo" needs ``compressor``. The baselines take ``num_slots``, ``beta`` and (H2O) ``num_local``, the
+    recent entries always kept, from the arguments, else from ``compressor`` when given, else beta 16 and
+    num_local 0: an H2O cache built beside a compressor keeps as many recent entries as LoCoCo does.
     """
     if kind not in CACHE_KINDS:
         raise ValueError(f"kind must be one of {CACHE_KINDS}, got {kind!r}")
@@ -44,10 +45,12 @@ def build_cache(kind: str, model: nn.Module | PreTrainedConfig, compressor: LoCo
     if compressor is not None:
         num_slots = compressor.config.num_slots if num_slots is None else num_slots
         beta = compressor.config.beta if beta is None else beta
+        num_local = compressor.config.num_local if num_local is None else num_local
     if num_slots is None:
         raise ValueError(f"build_cache({kind!r}, ...) needs num_slots (or a compressor to take it from)")
     beta = 16 if beta is None else beta
+    num_local = 0 if num_local is None else num_local
     num_layers = ModelGeometry.of(config).num_layers
     if kind == "h2o":
-        return H2OCache(num_layers, num_slots, beta)
+        return H2OCache(num_layers, num_slots, beta, num_local)
     return StreamingLLMCache(num_layers, num_slots, beta)
