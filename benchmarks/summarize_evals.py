@@ -94,7 +94,7 @@ def tables(scope: dict, merged: dict) -> str:
              f"{scope['start_token'] + scope['max_tokens']}, B = {scope['chunk_size']}, beta = {scope['beta']}", "",
              "| method | M | " + " | ".join(names) + " | all |", "|---|---:|" + "---:|" * (len(names) + 1)]
     for key in sorted(merged, key=order):
-        cells = [ppl(merged[key], [n]) for n in names + ["all"]]
+        cells = [ppl(merged[key], [n]) for n in names] + [ppl(merged[key], names)]
         lines.append(f"| {label(key[0], key[2])} | {key[1] or 'all'} | "
                      + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + " |")
     full = next((v for k, v in merged.items() if k[0] == "full"), None)

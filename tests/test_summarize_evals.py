@@ -1,0 +1,65 @@
+"""benchmarks/summarize_evals.py: merging eval folders, the share of the gap, refusing mixed text."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("summarize_evals", ROOT / "benchmarks" / "summarize_evals.py")
+summarize = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(summarize)
+
+BUCKETS = {"0-1K": (0, 1024), "1K-2K": (1024, 2048)}
+
+
+def write_run(folder: Path, ppl: dict, docs=("a", "b"), num_local=None) -> Path:
+    """An eval folder with the given perplexity per (method, M) and bucket, 100 tokens per bucket."""
+    folder.mkdir()
+    meta = {"args": {"start_token": 0, "max_tokens": 2048, "buckets": [0, 1024, 2048], "chunk_size": 128,
+                     "beta": 16}, "documents": list(docs)}
+    (folder / "eval_meta.json").write_text(json.dumps(meta))
+    with open(folder / "ppl_by_position.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["method", "num_slots", "bucket", "start", "end", "tokens", "nll", "ppl"])
+        for (method, slots), values in ppl.items():
+            for bucket, value in values.items():
+                writer.writerow([method, slots or "", bucket, *BUCKETS[bucket], 100, math.log(value), value])
+    with open(folder / "methods.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["method", "num_slots", "num_local"])
+        for method, slots in ppl:
+            writer.writerow([method, slots or "", (num_local or {}).get(method, 0)])
+    return folder
+
+
+def test_runs_merge_and_the_share_is_against_the_better_baseline(tmp_path, capsys):
+    base = write_run(tmp_path / "base", {("full", None): {"0-1K": 10, "1K-2K": 10},
+                                         ("h2o", 64): {"0-1K": 20, "1K-2K": 14},
+                                         ("streaming", 64): {"0-1K": 16, "1K-2K": 18}}, num_local={"h2o": 8})
+    ours = write_run(tmp_path / "ours", {("lococo", 64): {"0-1K": 13, "1K-2K": 15}})
+    assert summarize.main([str(base), str(ours), "--plot", str(tmp_path / "q.png")]) == 0
+    out = capsys.readouterr().out
+    assert "| H2O (8 recent) | 64 | 20.00 | 14.00 | 16.73 |" in out
+    assert "| 0-1K | 10.00 | 13.00 | StreamingLLM 16.00 | 50% |" in out
+    assert "| 1K-2K | 10.00 | 15.00 | H2O (8 recent) 14.00 | -25% |" in out
+    assert (tmp_path / "q.png").stat().st_size > 0
+
+
+def test_runs_on_other_documents_are_refused(tmp_path):
+    one = write_run(tmp_path / "one", {("full", None): {"0-1K": 10}})
+    two = write_run(tmp_path / "two", {("h2o", 64): {"0-1K": 12}}, docs=("a", "c"))
+    with pytest.raises(SystemExit, match="other documents"):
+        summarize.main([str(one), str(two)])
+
+
+def test_one_method_with_two_results_is_refused(tmp_path):
+    one = write_run(tmp_path / "one", {("h2o", 64): {"0-1K": 12}})
+    two = write_run(tmp_path / "two", {("h2o", 64): {"0-1K": 13}})
+    with pytest.raises(SystemExit, match="differs between runs"):
+        summarize.main([str(one), str(two)])
