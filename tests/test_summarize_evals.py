@@ -43,7 +43,8 @@ def test_runs_merge_and_the_share_is_against_the_better_baseline(tmp_path, capsy
                                          ("h2o", 64): {"0-1K": 20, "1K-2K": 14},
                                          ("streaming", 64): {"0-1K": 16, "1K-2K": 18}}, num_local={"h2o": 8})
     ours = write_run(tmp_path / "ours", {("lococo", 64): {"0-1K": 13, "1K-2K": 15}})
-    assert summarize.main([str(base), str(ours), "--plot", str(tmp_path / "q.png")]) == 0
+    assert summarize.main([str(base), str(ours), "--plot", str(tmp_path / "q.png"),
+                          "--span", "0", "2048"]) == 0
     out = capsys.readouterr().out
     assert "| H2O (8 recent) | 64 | 20.00 | 14.00 | 16.73 |" in out
     assert "| 0-1K | 10.00 | 13.00 | StreamingLLM 16.00 | 50% |" in out
