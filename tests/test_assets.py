@@ -354,3 +354,11 @@ def test_a_bad_split_file_names_the_file_and_the_field(tmp_path, text, message):
     with pytest.raises(assets.AssetError, match=message) as info:
         assets.load_split(path)
     assert str(info.value).startswith(str(path))
+
+
+def test_shared_records_write_the_home_folder_as_a_tilde():
+    home = Path.home()
+    assert assets.shared_path(home / ".cache" / "lococo") == "~/.cache/lococo"
+    assert assets.shared_path(home) == "~"
+    assert assets.shared_path(str(home) + "-other/x") == str(home) + "-other/x"
+    assert assets.shared_path("runs/eval") == "runs/eval"

@@ -82,9 +82,25 @@ def test_nan_weights_are_refused(saved):
         lococo.LoCoCoCompressor.from_pretrained(saved)
 
 
-def test_the_shipped_config_still_loads():
+def test_the_shipped_config_loads():
     config, geometry = read_compressor_config(SHIPPED)
     assert (config.num_slots, config.beta, config.chunk_size, geometry.num_layers) == (128, 16, 128, 30)
+    assert (config.num_local, config.slot_bias) == (16, True)
+
+
+# the config of the first shipped compressor, as lococo 0.1.0 wrote it: "num_heavy": null and no slot_bias
+FIRST_RELEASE_CONFIG = {
+    "format_version": 1, "lococo_version": "0.1.0+cu130",
+    "config": {"num_slots": 128, "rho": 0.5, "num_heavy": None, "beta": 16, "kernel_size": 21, "num_local": 0,
+               "alpha_init": 0.5, "init_std": 1.0, "chunk_size": 128},
+    "model": {"model_type": "llama", "num_layers": 30, "head_dim": 64, "num_kv_heads": 3}}
+
+
+def test_a_config_of_the_first_release_still_loads(tmp_path):
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(FIRST_RELEASE_CONFIG))
+    config, geometry = read_compressor_config(tmp_path)
+    assert (config.num_heavy, config.num_fused, config.num_local, config.slot_bias) == (64, 64, 0, False)
+    assert geometry.num_layers == 30
 
 
 def test_one_geometry_message_for_both_checks(saved):

@@ -464,6 +464,8 @@ def report(args, ev: Evaluation, totals: dict[str, Totals]) -> None:
 
     import lococo
 
+    from . import assets
+
     edges = args.buckets
     labels = [bucket_label(lo, hi) for lo, hi in zip(edges, edges[1:])]
     rows, method_rows = [], []
@@ -492,7 +494,7 @@ def report(args, ev: Evaluation, totals: dict[str, Totals]) -> None:
     (output / "eval_meta.json").write_text(json.dumps({
         "args": {k: v for k, v in vars(args).items() if k not in ("func", "validate")},
         "documents": [name for name, _ in ev.docs], "left_out_documents": ev.left_out,
-        "model": str(ev.model_path), "device": str(ev.device), "lococo": lococo.__version__,
+        "model": assets.shared_path(ev.model_path), "device": str(ev.device), "lococo": lococo.__version__,
         "torch": torch.__version__, "transformers": transformers.__version__}, indent=1, default=str) + "\n")
     print((output / "results.md").read_text(), end="")
     print(f"results in {output}/")

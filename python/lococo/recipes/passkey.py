@@ -193,6 +193,7 @@ def main(args, ev) -> None:
 
     import lococo
 
+    from . import assets
     from .evaluate import method_cache, method_label
 
     def make_cache(method: str):
@@ -204,7 +205,7 @@ def main(args, ev) -> None:
     text = write_results(output, rows, labels, args.num_slots)
     (output / "passkey_meta.json").write_text(json.dumps({
         "args": {k: v for k, v in vars(args).items() if k not in ("func", "validate")},
-        "model": str(ev.model_path), "device": str(ev.device), "lococo": lococo.__version__,
+        "model": assets.shared_path(ev.model_path), "device": str(ev.device), "lococo": lococo.__version__,
         "torch": torch.__version__, "transformers": transformers.__version__}, indent=1, default=str) + "\n")
     print(text)
     print(f"results in {output}/")

@@ -54,6 +54,7 @@ from .store import (
     folder_size,
     log,
     sha256_file,
+    shared_path,
 )
 from .text import SOURCES, TextSource, fetch_text, text_status
 
@@ -61,7 +62,7 @@ __all__ = [
     "CACHE_ENV", "FETCH_COMMAND", "GROUPS", "MARKER", "MODEL", "SANITY_MAX_LOSS", "SOURCES", "SPLITS_FILE",
     "AssetError", "AssetMissingError", "Document", "Split", "TextSource", "build_split", "cache_dir",
     "check_documents", "check_split_documents", "document_path", "fetch", "fetch_model", "fetch_text",
-    "html_to_text", "load_model", "load_split", "model_dir", "read_document", "sha256_file", "status",
+    "html_to_text", "load_model", "load_split", "model_dir", "read_document", "sha256_file", "shared_path", "status",
     "text_status", "write_split",
 ]
 

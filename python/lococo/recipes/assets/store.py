@@ -42,6 +42,12 @@ def cache_dir(cache: str | os.PathLike | None = None) -> Path:
     return Path(cache).expanduser().resolve()
 
 
+def shared_path(path: str | os.PathLike) -> str:
+    """``path`` as a record meant to be shared writes it: the home folder as ~."""
+    text, home = str(path), str(Path.home())
+    return "~" + text[len(home):] if text == home or text.startswith(home + os.sep) else text
+
+
 def log(message: str) -> None:
     print(f"[lococo assets] {message}", file=sys.stderr, flush=True)
 
