@@ -97,8 +97,9 @@ def main(args) -> int:
 
     ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids[:args.tokens]])
     print(f"lococo demo: SmolLM2-135M-Instruct reads {ids.shape[1]} tokens of {name}")
+    recent = f", {cfg.num_local} of them the most recent entries" if cfg.num_local else ""
     print(f"  LoCoCo cache: M = {cfg.num_slots} slots per layer and KV head ({cfg.num_heavy} "
-          f"heavy hitters + {cfg.num_fused} fused), beta = {cfg.beta}, chunk = {cfg.chunk_size}\n")
+          f"heavy hitters{recent} + {cfg.num_fused} fused), beta = {cfg.beta}, chunk = {cfg.chunk_size}\n")
 
     results = {}
     for method in ("full", "lococo"):
