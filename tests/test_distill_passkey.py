@@ -123,3 +123,11 @@ def test_eval_passkey_writes_one_row_per_method_length_and_depth(saved, tmp_path
         (m, n, d) for m in ("full", "lococo", "h2o", "streaming") for n in ("400", "480") for d in ("0.0", "1.0")}
     assert all(int(r["successes"]) in (0, 1) for r in rows)
     assert (tmp_path / "passkey.png").is_file() and "| LoCoCo |" in (tmp_path / "passkey.md").read_text()
+
+
+def test_the_default_lengths_fit_a_model_of_8k_positions():
+    # SmolLM2-135M has 8192 positions: a prompt of 8192 tokens plus the answer would be refused
+    from lococo.recipes import passkey
+
+    assert max(passkey.DEFAULT_LENGTHS) + passkey.ANSWER_TOKENS <= 8192
+    assert min(passkey.DEFAULT_LENGTHS) == 1024

@@ -27,6 +27,7 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\nWhat is the pass key? The pass key is"
 ANSWER_TOKENS = 8
+DEFAULT_LENGTHS = (1024, 2048, 4096, 8000)
 
 
 MIN_LENGTH = 128
@@ -55,8 +56,9 @@ def _depths(text: str) -> list[float]:
 def add_arguments(parser) -> None:
     from .argtypes import non_negative_int, positive_int
 
-    parser.add_argument("--lengths", type=_lengths, default=[1024, 2048, 4096, 8192],
-                        help="prompt lengths in tokens (default 1024,2048,4096,8192)")
+    parser.add_argument("--lengths", type=_lengths, default=list(DEFAULT_LENGTHS),
+                        help="prompt lengths in tokens (default 1024,2048,4096,8000: with the answer, the longest "
+                             "fits a model of 8192 positions)")
     parser.add_argument("--depths", type=_depths, default=[0.0, 0.25, 0.5, 0.75, 1.0],
                         help="where the key sits, as a fraction of the filler before it (default 0,0.25,0.5,0.75,1)")
     parser.add_argument("--trials", type=positive_int, default=2, help="keys per length and depth")
