@@ -29,12 +29,9 @@ import math
 import sys
 from pathlib import Path
 
-LABELS = {"full": "full cache", "lococo": "LoCoCo", "h2o": "H2O", "streaming": "StreamingLLM"}
+from lococo.recipes.evaluate import METHODS, bucket_label, method_label as label
+
 BASELINES = ("h2o", "streaming")
-
-
-def label(method: str, num_local: int) -> str:
-    return f"{LABELS[method]} ({num_local} recent)" if method == "h2o" and num_local else LABELS[method]
 
 
 def read_run(folder: Path) -> tuple[dict, dict]:
@@ -85,7 +82,7 @@ def ppl(buckets: dict, names: list[str]) -> float | None:
 
 def order(key) -> tuple:
     method, slots, local = key
-    return (slots or 0, list(LABELS).index(method), local)
+    return (slots or 0, METHODS.index(method), local)
 
 
 def tables(scope: dict, merged: dict) -> str:
@@ -116,10 +113,6 @@ def tables(scope: dict, merged: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _k(tokens: int) -> str:
-    return f"{tokens // 1024}K" if tokens and tokens % 1024 == 0 else str(tokens)
-
-
 def plot(scope: dict, merged: dict, path: Path, span: tuple[int, int]) -> None:
     import matplotlib
 
@@ -143,7 +136,7 @@ def plot(scope: dict, merged: dict, path: Path, span: tuple[int, int]) -> None:
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label(method, local))
     ax.set_xscale("log", base=2)
     ax.set(xlabel="M, slots per layer and KV head (KV memory grows with M)",
-           ylabel=f"perplexity, tokens {_k(span[0])}-{_k(span[1])}",
+           ylabel=f"perplexity, tokens {bucket_label(*span)}",
            title=f"quality against memory ({len(scope['documents'])} documents)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
