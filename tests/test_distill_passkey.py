@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -43,9 +44,49 @@ def test_distill_trains_saves_and_resumes(saved):
     assert all(r["error"] > 0 and r["h2o_error"] > 0 and 0 <= min(r["alpha"]) <= max(r["alpha"]) <= 1 for r in rows)
     assert (root / "run" / "loss.png").is_file() and (root / "run" / "log.csv").is_file()
 
-    assert _distill(root, doc, 3) == 0                 # resumes at sequence 2
+    assert _distill(root, doc, 2) == 0                 # the same arguments: nothing left to do
+    assert json.loads((root / "run" / "train_args.json").read_text())["resumed_with_changes"] == []
+    with open(root / "run" / "log.jsonl", "a") as log:  # a row written after the last checkpoint
+        log.write(json.dumps({"sequences": 3}) + "\n")
+    with pytest.raises(SystemExit) as exit_info:        # a longer run changes the schedule: asked for
+        _distill(root, doc, 3)
+    assert exit_info.value.code == 2
+    assert _distill(root, doc, 3, "--resume-with-changes") == 0    # resumes at sequence 2
     rows = [json.loads(line) for line in (root / "run" / "log.jsonl").read_text().splitlines()]
-    assert [r["sequences"] for r in rows] == [1, 2, 3]
+    assert [r["sequences"] for r in rows] == [1, 2, 3] and "error" in rows[-1]
+    record = json.loads((root / "run" / "train_args.json").read_text())
+    assert record["resumed_with_changes"] == [{"at_sequence": 2, "changes": {"sequences": [2, 3]}}]
+    assert json.loads((root / "run" / "checkpoint" / "progress.json").read_text())["args"]["sequences"] == 3
+
+
+def test_distill_keeps_one_run_per_folder(saved, capsys):
+    root, doc = saved
+    out = root / "folder"
+
+    def run(*extra):
+        return cli.main(["distill", "--output", str(out), "--model", str(root / "model"), "--docs", doc,
+                         "-M", "8", "-B", "4", "--beta", "2", "--kernel-size", "3", "--seq-len", "48",
+                         "--sequences", "1", "--compare-every", "0", "--no-progress", *extra])
+
+    tiny_compressor(tiny_model()).save_pretrained(out)     # a compressor that no run wrote
+    with pytest.raises(SystemExit):
+        run()
+    assert "--overwrite" in capsys.readouterr().err
+    assert run("--overwrite") == 0
+    for extra, named in ((("--kernel-size", "5"), "--kernel-size 3 -> 5"),       # the geometry: never
+                         (("--no-resume",), "--overwrite"),
+                         (("--resume-with-changes", "-M", "6"), "--num-slots 8 -> 6")):
+        with pytest.raises(SystemExit) as exit_info:
+            run(*extra)
+        assert exit_info.value.code == 2 and named in capsys.readouterr().err
+    assert run("--no-resume", "--overwrite", "--seed", "3") == 0
+    assert json.loads((out / "train_args.json").read_text())["seed"] == 3
+    shutil.rmtree(out / "checkpoint")                    # a run that stopped before its first checkpoint
+    with pytest.raises(SystemExit):
+        run("--seed", "4")
+    assert "holds another run that has no checkpoint (--seed 3 -> 4)" in capsys.readouterr().err
+    assert run("--seed", "3") == 0                       # the same run: started again
+    assert [json.loads(line)["sequences"] for line in (out / "log.jsonl").read_text().splitlines()] == [1]
 
 
 def test_distill_refuses_bad_numbers_before_loading(saved, capsys):

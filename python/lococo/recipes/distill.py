@@ -26,8 +26,11 @@ selection of H2O with the same trigger and scores) on the same sequence, and the
 errors: the learned compressor's error relative to H2O's is the quantity this training lowers.
 
 Writes into --output: the compressor (``save_pretrained``), ``train_args.json``, ``log.jsonl``,
-``log.csv``, ``loss.png`` and ``checkpoint/`` (compressor, optimizer, sequences done) from which a
-run resumes.
+``log.csv``, ``loss.png`` and ``checkpoint/`` (compressor, optimizers, sequences done and the
+arguments that matter) from which a run resumes. One run per folder, with `lococo train`'s rule: a
+resume with other arguments that matter is refused, naming them, unless --resume-with-changes
+(those that fix the compressor's geometry are refused even then); --no-resume into a folder that
+holds a run, or over a compressor that no run wrote, is refused unless --overwrite.
 """
 
 from __future__ import annotations
@@ -42,6 +45,16 @@ import time
 from pathlib import Path
 
 DEFAULT_LR = 1e-2
+
+# Arguments that fix the compressor (its geometry, its start): a resume cannot change them.
+FROZEN = ("model", "num_slots", "rho", "kernel_size", "chunk_size", "beta", "num_local", "slot_bias",
+          "alpha_init", "init_std", "init_from")
+# Arguments that change what the rest of the run does: a resume changes them only when asked.
+RESUMABLE_CHANGES = ("docs", "split_file", "max_docs", "dtype", "seq_len", "sequences", "batch_size",
+                     "update_every", "lr", "warmup", "alpha_range", "max_grad_norm", "seed")
+CHECKPOINT = "checkpoint"
+RUN_FILES = ("train_args.json", "log.jsonl", "log.csv", "loss.png", "lococo_config.json",
+             "lococo_compressor.safetensors")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +84,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--compare-every", type=non_negative_int, default=4,
                      help="every N sequences, also measure H2O's error on the same sequence (0: never)")
     out.add_argument("--save-every", type=positive_int, default=4, help="checkpoint every N sequences")
+    out.add_argument("--no-resume", action="store_true",
+                     help="start a new run; refused when --output holds one, unless --overwrite")
+    out.add_argument("--resume-with-changes", action="store_true",
+                     help="resume although arguments that matter differ from the checkpoint's")
+    out.add_argument("--overwrite", action="store_true",
+                     help="with --no-resume: delete the run in --output first; also allows replacing a "
+                          "compressor that no run in --output wrote")
     out.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
 
@@ -195,18 +215,113 @@ def replay_layer(layer_compressor, config, record, attention_module, *, alpha: f
 # Checkpoint, logs
 # ----------------------------------------------------------------------------------------
 
-def save_checkpoint(output: Path, compressor, optimizers, sequences: int) -> None:
+def run_arguments(args) -> dict:
+    """The arguments that matter to a run, as plain JSON values."""
+    return json.loads(json.dumps({name: getattr(args, name) for name in FROZEN + RESUMABLE_CHANGES}, default=str))
+
+
+def _wipe(output: Path) -> None:
+    import shutil
+
+    for name in RUN_FILES:
+        (output / name).unlink(missing_ok=True)
+    for name in (CHECKPOINT, CHECKPOINT + ".tmp", CHECKPOINT + ".old"):
+        shutil.rmtree(output / name, ignore_errors=True)
+
+
+def open_folder(args) -> dict[str, list] | None:
+    """Checks --output before the model loads: the changes a resume makes, or None for a new run (folder emptied)."""
+    from . import run_folder
+    from .argtypes import UsageError
+
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output {output} is a file, not a folder")
+    current = run_arguments(args)
+    progress = output / CHECKPOINT / "progress.json"
+    if run_folder.holds_foreign_compressor(output) and not progress.is_file():
+        if not args.overwrite:
+            raise UsageError(f"--output {output} holds a compressor that no training run in this folder wrote; "
+                             "pass --overwrite to replace it, or choose another folder")
+        _wipe(output)
+        return None
+    if not run_folder.holds_run(output) and not progress.is_file():
+        return None
+    if args.no_resume:
+        if not args.overwrite:
+            raise UsageError(f"--output {output} holds a distill run; --no-resume would mix two runs in one "
+                             "folder: pass --overwrite as well to delete it and start over, or choose another folder")
+        _wipe(output)
+        return None
+    recorded_file = _recorded_arguments(output / "train_args.json")
+    if not progress.is_file():   # a run that stopped before its first checkpoint: start it again if it is the same
+        changed = run_folder.differences(recorded_file or {}, current, FROZEN + RESUMABLE_CHANGES)
+        if recorded_file is None or changed:
+            raise UsageError(f"--output {output} holds another run that has no checkpoint"
+                             + (f" ({run_folder.describe(changed)})" if recorded_file else "")
+                             + "; pass --no-resume --overwrite to delete it, or choose another folder")
+        _wipe(output)
+        return None
+    try:
+        saved = json.loads(progress.read_text())
+        where = f"{output / CHECKPOINT} (sequence {int(saved['sequences'])})"
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(f"{progress} does not load; pass --no-resume --overwrite to start over") from None
+    recorded = saved.get("args") or recorded_file   # checkpoints before the arguments were stored in them
+    if recorded is None:
+        if not args.resume_with_changes:
+            raise UsageError(f"the arguments that {where} was trained with are not recorded; pass "
+                             "--resume-with-changes to resume it with these, or --no-resume --overwrite")
+        return {}
+    return run_folder.check_resume(where, recorded, current, FROZEN, RESUMABLE_CHANGES, args.resume_with_changes)
+
+
+def _recorded_arguments(path: Path) -> dict | None:
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return {name: recorded.get(name) for name in FROZEN + RESUMABLE_CHANGES} if isinstance(recorded, dict) else None
+
+
+def write_record(args, output: Path, done: int, changes: dict[str, list] | None) -> None:
+    """train_args.json (every argument, and the changes of each resume); the log cut back to the checkpoint."""
+    history = []
+    if changes is not None:
+        try:
+            history = json.loads((output / "train_args.json").read_text()).get("resumed_with_changes", [])
+        except (OSError, ValueError, AttributeError):
+            history = []
+        if changes:
+            history.append({"at_sequence": done, "changes": changes})
+    record = {k: v for k, v in vars(args).items() if k not in ("func", "validate")}
+    (output / "train_args.json").write_text(json.dumps({**record, "resumed_with_changes": history},
+                                                       indent=2, default=str) + "\n")
+    log = output / "log.jsonl"
+    if log.exists():   # rows written after the checkpoint are trained again: keep each sequence once
+        kept = []
+        for line in log.read_text(errors="replace").splitlines():
+            try:
+                if json.loads(line)["sequences"] <= done:
+                    kept.append(line)
+            except (ValueError, TypeError, KeyError):
+                continue
+        log.write_text("".join(line + "\n" for line in kept))
+
+
+def save_checkpoint(output: Path, compressor, optimizers, sequences: int, run_args: dict) -> None:
     import shutil
 
     import torch
 
-    folder = output / "checkpoint"
-    tmp = output / "checkpoint.tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
+    folder = output / CHECKPOINT
+    tmp = output / (CHECKPOINT + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     compressor.save_pretrained(tmp / "compressor")
     # optimizer states hold only tensors and numbers: saved as tensors, loaded with weights_only
     torch.save([opt.state_dict() for opt in optimizers], tmp / "optimizers.pt")
-    (tmp / "progress.json").write_text(json.dumps({"sequences": sequences}))
+    (tmp / "progress.json").write_text(json.dumps({"sequences": sequences, "args": run_args}))
     if folder.exists():
         old = output / "checkpoint.old"
         os.replace(folder, old)
@@ -266,7 +381,7 @@ def build_compressor(args, model):
     from ..compressor import LoCoCoCompressor
     from ..config import LoCoCoConfig
 
-    ckpt = Path(args.output) / "checkpoint"
+    ckpt = Path(args.output) / CHECKPOINT
     done = 0
     if ckpt.is_dir():
         compressor = LoCoCoCompressor.from_pretrained(ckpt / "compressor", model=model, dtype=torch.float32)
@@ -333,7 +448,9 @@ def main(args) -> int:
     from .train import TokenWindows, load_llm, training_documents
 
     output = Path(args.output)
+    changes = open_folder(args)
     output.mkdir(parents=True, exist_ok=True)
+    run_args = run_arguments(args)
     torch.manual_seed(args.seed)
     args.rope_scaling = None
     model, tokenizer = load_llm(args)
@@ -341,8 +458,7 @@ def main(args) -> int:
     register_capture()
     model.set_attn_implementation(CAPTURE)
     compressor, optimizers, done = build_compressor(args, model)
-    (output / "train_args.json").write_text(json.dumps(
-        {k: v for k, v in vars(args).items() if k not in ("func", "validate")}, indent=2, default=str))
+    write_record(args, output, done, changes)
     docs, read = training_documents(args, tokenizer)
     windows = TokenWindows(docs, read, tokenizer, args.seq_len, args.seed)
 
@@ -362,7 +478,7 @@ def main(args) -> int:
             bar.update(batch)
             bar.set_postfix(error=f"{row['error']:.4f}", ratio=f"{row.get('ratio', float('nan')):.3f}")
             if done % args.save_every == 0 or done >= args.sequences:
-                save_checkpoint(output, compressor, optimizers, done)
+                save_checkpoint(output, compressor, optimizers, done, run_args)
                 write_csv_and_plot(output)
     bar.close()
     compressor.save_pretrained(output)

@@ -57,7 +57,7 @@ def run_arguments(args, world_size: int) -> dict:
     return {**values, "world_size": world_size}
 
 
-def _differences(old: dict, new: dict, names) -> dict[str, list]:
+def differences(old: dict, new: dict, names) -> dict[str, list]:
     return {name: [old.get(name), new.get(name)] for name in names if old.get(name) != new.get(name)}
 
 
@@ -65,7 +65,7 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _describe(changes: dict[str, list]) -> str:
+def describe(changes: dict[str, list]) -> str:
     return ", ".join(f"{_flag(name)} {old!r} -> {new!r}" for name, (old, new) in changes.items())
 
 
@@ -146,10 +146,10 @@ def open_run(args, world_size: int) -> RunPlan:
         return _resume(args, plan, found)
     # a run that stopped before its first checkpoint: nothing to resume, so start it again if it is the same
     recorded = _recorded_arguments(output)
-    differences = _differences(recorded or {}, plan.run_args, MATTERS)
-    if recorded is None or differences:
+    changed = differences(recorded or {}, plan.run_args, MATTERS)
+    if recorded is None or changed:
         raise UsageError(f"--output {output} holds another run that has no checkpoint"
-                         + (f" ({_describe(differences)})" if recorded else "")
+                         + (f" ({describe(changed)})" if recorded else "")
                          + "; pass --no-resume --overwrite to delete it, or choose another folder")
     plan.wipe = True
     return plan
@@ -192,16 +192,25 @@ def _check_changes(args, plan: RunPlan, recorded: dict | None) -> None:
                              "--resume-with-changes to resume it with these, or --no-resume --overwrite")
         plan.changes = {}
         return
-    frozen = _differences(recorded, plan.run_args, FROZEN)
-    if frozen:
-        raise UsageError(f"{where} cannot resume with {_describe(frozen)}: the checkpoint's weights cannot be "
+    plan.changes = check_resume(where, recorded, plan.run_args, FROZEN, RESUMABLE_CHANGES, args.resume_with_changes)
+
+
+def check_resume(where: str, recorded: dict, current: dict, frozen, resumable, allow_changes: bool) -> dict[str, list]:
+    """The changes a resume makes to the recorded arguments; refuses any in ``frozen``, and the others unless allowed.
+
+    Shared by `lococo train` and `lococo distill`, whose checkpoints differ but whose rule is the same.
+    """
+    fixed = differences(recorded, current, frozen)
+    if fixed:
+        raise UsageError(f"{where} cannot resume with {describe(fixed)}: the checkpoint's weights cannot be "
                          "loaded with these (other shapes or parameter groups). Use another --output, or "
                          "--no-resume --overwrite to start over")
-    plan.changes = _differences(recorded, plan.run_args, RESUMABLE_CHANGES)
-    if plan.changes and not args.resume_with_changes:
-        raise UsageError(f"resuming {where} with other arguments: {_describe(plan.changes)}. Pass "
+    changes = differences(recorded, current, resumable)
+    if changes and not allow_changes:
+        raise UsageError(f"resuming {where} with other arguments: {describe(changes)}. Pass "
                          "--resume-with-changes to continue with the new values, repeat the recorded ones, "
                          "or use --no-resume --overwrite to start over")
+    return changes
 
 
 def prepare_folder(plan: RunPlan, record: dict) -> None:
