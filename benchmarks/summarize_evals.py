@@ -7,7 +7,7 @@ Folders on different documents, ranges or buckets are refused, so that no number
 mixes two sets of text.
 
 For every M where LoCoCo was run and every bucket, the better baseline is the lowest perplexity
-among the H2O and StreamingLLM rows at that M, and the share of the gap that LoCoCo closes is
+among the H2O, TOVA and StreamingLLM rows at that M, and the share of the gap that LoCoCo closes is
 
     (ppl_better_baseline - ppl_lococo) / (ppl_better_baseline - ppl_full)
 
@@ -31,7 +31,7 @@ from pathlib import Path
 
 from lococo.recipes.evaluate import METHODS, bucket_label, method_label as label
 
-BASELINES = ("h2o", "streaming")
+BASELINES = ("h2o", "tova", "streaming")
 
 
 def read_run(folder: Path) -> tuple[dict, dict]:

@@ -3,9 +3,10 @@
 It uses none of transformers' caches, masks or attention functions and none of lococo's caches,
 attention functions, reference or op: it runs a Llama-family model's own weights layer by layer,
 keeps per-layer keys and values with an explicit valid flag per entry, compresses a row when
-more than M + beta entries are stored (H2O, StreamingLLM or LoCoCo, each written below one row
-and one KV head at a time with plain Python ranking), attends with every valid slot visible and
-the new entries causal, and keeps the latest call's summed probabilities as the scores.
+more than M + beta entries are stored (H2O, TOVA, StreamingLLM or LoCoCo, each written below one
+row and one KV head at a time with plain Python ranking), attends with every valid slot visible and
+the new entries causal, and keeps the latest call's summed probabilities as the scores (TOVA: the
+last query's alone, and every head ranks by their sum over the heads).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def lococo_slots(keys, values, scores: list[float], weight, bias, alpha: float, 
 class SlotLoop:
     """A fixed-slot cache and the model's forward, step by step.
 
-    ``policy`` is "h2o" (``num_local``), "streaming" (``num_sink``) or "lococo" (``compressor``).
+    ``policy`` is "h2o" or "tova" (``num_local``), "streaming" (``num_sink``) or "lococo" (``compressor``).
     """
 
     def __init__(self, model, policy: str, num_slots: int, beta: int, num_local: int = 0, num_sink: int = 4,
@@ -115,6 +116,8 @@ class SlotLoop:
             else:
                 if self.policy == "h2o":
                     index = h2o_keep(s, self.num_slots, self.num_local)
+                elif self.policy == "tova":                # one ranking for all heads
+                    index = h2o_keep(scores.sum(0).tolist(), self.num_slots, self.num_local)
                 else:
                     index = streaming_keep(len(s), self.num_slots, self.num_sink)
                 kept_k, kept_v = k[index], v[index]
@@ -174,7 +177,7 @@ class SlotLoop:
             logits = torch.einsum("bkgqd,bkld->bkgql", grouped, K) * attn.scaling
             p = torch.softmax(logits.masked_fill(~allowed[:, None, None], float("-inf")), dim=-1)
             p = p.nan_to_num(0.0)                              # a query that sees no key contributes nothing
-            self.scores[i] = p.sum((2, 3))
+            self.scores[i] = p[:, :, :, -1:].sum((2, 3)) if self.policy == "tova" else p.sum((2, 3))
             out = torch.einsum("bkgql,bkld->bqkgd", p, V).reshape(b, q, -1)
             x = x + attn.o_proj(out)
             x = x + layer.mlp(layer.post_attention_layernorm(x))

@@ -1,4 +1,4 @@
-"""H2O and StreamingLLM through transformers against the independent loop of ``slot_loop.py``.
+"""H2O, TOVA and StreamingLLM through transformers against the independent loop of ``slot_loop.py``.
 
 The caches are built with their defaults (beta = 16; H2O keeps no protected recent entry;
 StreamingLLM keeps 4 sinks, as docs/design.md#baseline-caches says) and with other settings, on left-padded batches,
@@ -32,9 +32,9 @@ LENGTHS = [70, 57, 31, 9]   # 9 < M: that row keeps every entry at each compress
 def caches(kind: str, model, settings: dict):
     """The cache under test and the loop with the documented settings spelled out."""
     layers = len(model.model.layers)
-    if kind == "h2o":
-        cache = lococo.H2OCache(layers, M, **settings)
-        loop = SlotLoop(model, "h2o", M, settings.get("beta", 16), num_local=settings.get("num_local", 0))
+    if kind in ("h2o", "tova"):
+        cache = (lococo.H2OCache if kind == "h2o" else lococo.TOVACache)(layers, M, **settings)
+        loop = SlotLoop(model, kind, M, settings.get("beta", 16), num_local=settings.get("num_local", 0))
     elif kind == "streaming":
         cache = lococo.StreamingLLMCache(layers, M, **settings)
         loop = SlotLoop(model, "streaming", M, settings.get("beta", 16), num_sink=settings.get("num_sink", 4))
@@ -49,10 +49,14 @@ CASES = [
     ("h2o", {}, "sdpa", 7),
     ("h2o", {}, "eager", 16),
     ("h2o", {"beta": 3, "num_local": 2}, "sdpa", 5),
+    ("tova", {}, "sdpa", 7),
+    ("tova", {}, "eager", 16),
+    ("tova", {"beta": 3, "num_local": 2}, "sdpa", 5),
     ("streaming", {}, "sdpa", 7),
     ("streaming", {}, "eager", 16),
     ("streaming", {"beta": 2, "num_sink": 1}, "sdpa", 5),
     ("build_h2o", {}, "sdpa", 8),
+    ("build_tova", {}, "sdpa", 8),
     ("build_streaming", {}, "sdpa", 8),
 ]
 
@@ -70,7 +74,7 @@ def test_chunked_forward_matches_the_loop(kind, settings, attn, chunk):
     assert_cache_matches_loop(cache, loop, got.logits, want, mask)
 
 
-@pytest.mark.parametrize("kind", ["h2o", "streaming"])
+@pytest.mark.parametrize("kind", ["h2o", "tova", "streaming"])
 @pytest.mark.parametrize("attn,prefill_chunk", [("sdpa", None), ("eager", 8), ("sdpa", 5)])
 def test_generate_matches_the_loop_token_by_token(kind, attn, prefill_chunk):
     model = tiny_model("llama", attn, seed=52)

@@ -62,6 +62,7 @@ def test_eval_numbers_are_checked_by_argparse(capsys, tmp_path, argv, flag, expe
     (["-M", "1", "--methods", "full,streaming"], "--num-slots 1 does not suit the streaming method"),
     (["-M", "8", "--num-local", "9", "--methods", "h2o"],
      "--num-slots 8 and --num-local 9 do not suit the h2o method: num_local must be in [0, num_slots = 8]"),
+    (["-M", "8", "--num-local", "9", "--methods", "tova"], "--num-slots 8 and --num-local 9 do not suit the tova"),
     (["--buckets", "9000,10000", "--max-tokens", "8192"], "--buckets start at 9000"),
     (["--methods", "full,lococo"], "the lococo method needs --compressor"),
     (["--device", "gpu0"], "--device gpu0: not a device (cpu, cuda, cuda:N)"),

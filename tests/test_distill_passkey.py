@@ -161,7 +161,8 @@ def test_eval_passkey_writes_one_row_per_method_length_and_depth(saved, tmp_path
                      "--output", str(tmp_path), "--no-progress"]) == 0
     rows = list(csv.DictReader(open(tmp_path / "passkey.csv")))
     assert {(r["method"], r["length"], r["depth"]) for r in rows} == {
-        (m, n, d) for m in ("full", "lococo", "h2o", "streaming") for n in ("400", "480") for d in ("0.0", "1.0")}
+        (m, n, d) for m in ("full", "lococo", "h2o", "tova", "streaming")
+        for n in ("400", "480") for d in ("0.0", "1.0")}
     assert all(int(r["successes"]) in (0, 1) for r in rows)
     assert (tmp_path / "passkey.png").is_file() and "| LoCoCo |" in (tmp_path / "passkey.md").read_text()
 

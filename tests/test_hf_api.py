@@ -168,6 +168,8 @@ def test_h2o_built_beside_a_compressor_keeps_its_recent_window():
     model = tiny_model("llama")
     compressor = tiny_compressor(model, num_local=4)
     assert all(layer.num_local == 4 for layer in lococo.build_cache("h2o", model, compressor).layers)
+    tova = lococo.build_cache("tova", model, compressor)
+    assert isinstance(tova, lococo.TOVACache) and tova.layers[0].num_local == 4 and tova.layers[0].num_slots == 12
     assert lococo.build_cache("h2o", model, compressor, num_local=0).layers[1].num_local == 0
     assert lococo.build_cache("h2o", model, num_slots=8, num_local=3).layers[0].num_local == 3
     with pytest.raises(ValueError, match="kind must be one of"):

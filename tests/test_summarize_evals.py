@@ -43,12 +43,13 @@ def test_runs_merge_and_the_share_is_against_the_better_baseline(tmp_path, capsy
                                          ("h2o", 64): {"0-1K": 20, "1K-2K": 14},
                                          ("streaming", 64): {"0-1K": 16, "1K-2K": 18}}, num_local={"h2o": 8})
     ours = write_run(tmp_path / "ours", {("lococo", 64): {"0-1K": 13, "1K-2K": 15}})
-    assert summarize.main([str(base), str(ours), "--plot", str(tmp_path / "q.png"),
+    tova = write_run(tmp_path / "tova", {("tova", 64): {"0-1K": 17, "1K-2K": 13}}, num_local={"tova": 8})
+    assert summarize.main([str(base), str(ours), str(tova), "--plot", str(tmp_path / "q.png"),
                           "--span", "0", "2048"]) == 0
     out = capsys.readouterr().out
     assert "| H2O (8 recent) | 64 | 20.00 | 14.00 | 16.73 |" in out
     assert "| 0-1K | 10.00 | 13.00 | StreamingLLM 16.00 | 50% |" in out
-    assert "| 1K-2K | 10.00 | 15.00 | H2O (8 recent) 14.00 | -25% |" in out
+    assert "| 1K-2K | 10.00 | 15.00 | TOVA (8 recent) 13.00 | -67% |" in out
     assert (tmp_path / "q.png").stat().st_size > 0
 
 

@@ -96,7 +96,7 @@ def test_eval_writes_every_method(tiny_model, docs, tmp_path):
                      str(out), "--no-progress"]) == 0
     with open(out / "ppl_by_position.csv") as handle:
         rows = list(csv.DictReader(handle))
-    methods = ["full", "lococo", "h2o", "streaming"]
+    methods = ["full", "lococo", "h2o", "tova", "streaming"]
     assert [(r["method"], r["bucket"]) for r in rows] == [
         (m, b) for m in methods for b in ("0-32", "32-64", "64-96", "all")]
     assert all(float(r["ppl"]) > 1 for r in rows)
@@ -105,7 +105,7 @@ def test_eval_writes_every_method(tiny_model, docs, tmp_path):
         memory = {r["method"]: int(r["peak_kv_bytes"]) for r in csv.DictReader(handle)}
     # full: 96 entries per layer; the others at most M + beta + B = 28
     assert memory["full"] == 2 * 2 * 2 * 96 * 8 * 4
-    assert memory["lococo"] == memory["h2o"] == memory["streaming"] <= 2 * 2 * 2 * 28 * 8 * 4
+    assert memory["lococo"] == memory["h2o"] == memory["tova"] == memory["streaming"] <= 2 * 2 * 2 * 28 * 8 * 4
     table, _, intervals = (out / "results.md").read_text().partition("\n\n")
     table = table.splitlines()
     assert "bootstrap interval" in intervals and "| LoCoCo |" in intervals
@@ -115,22 +115,25 @@ def test_eval_writes_every_method(tiny_model, docs, tmp_path):
     assert meta["documents"] == docs
 
 
-def test_eval_gives_h2o_the_compressors_recent_window(tiny_model, docs, tmp_path):
+def test_eval_gives_h2o_and_tova_the_compressors_recent_window(tiny_model, docs, tmp_path):
     run = tmp_path / "run"
     assert train(tiny_model, docs, run, "--steps", "1", "--num-local", "3") == 0
     common = ["eval", "--model", str(tiny_model), "--compressor", str(run), "--docs", docs[0], "--max-tokens",
-              "96", "--buckets", "0,96", "--methods", "h2o", "--bootstrap", "0", "--no-progress"]
+              "96", "--buckets", "0,96", "--methods", "h2o,tova", "--bootstrap", "0", "--no-progress"]
     ppl = {}
     for local in (None, "0", "3"):
         out = tmp_path / f"eval-{local}"
         assert cli.main(common + ["--output", str(out)] + (["--num-local", local] if local else [])) == 0
         with open(out / "methods.csv") as handle:
-            (row,) = csv.DictReader(handle)
-        assert int(row["num_local"]) == int(local or 3)
-        assert ("| H2O (3 recent) |" in (out / "results.md").read_text()) == (local != "0")
+            rows = list(csv.DictReader(handle))
+        assert [r["method"] for r in rows] == ["h2o", "tova"]
+        assert all(int(r["num_local"]) == int(local or 3) for r in rows)
+        results = (out / "results.md").read_text()
+        assert ("| H2O (3 recent) |" in results) == ("| TOVA (3 recent) |" in results) == (local != "0")
         with open(out / "ppl_by_position.csv") as handle:
-            ppl[local] = [float(r["ppl"]) for r in csv.DictReader(handle)]
+            ppl[local] = {(r["method"], r["bucket"]): float(r["ppl"]) for r in csv.DictReader(handle)}
     assert ppl[None] == ppl["3"] != ppl["0"]
+    assert ppl["0"][("h2o", "all")] != ppl["0"][("tova", "all")]   # another selection
 
 
 def test_eval_methods_agree_before_the_cache_fills(tiny_model, docs, tmp_path):
@@ -145,6 +148,7 @@ def test_eval_methods_agree_before_the_cache_fills(tiny_model, docs, tmp_path):
         ppl = {r["method"]: float(r["ppl"]) for r in csv.DictReader(handle) if r["bucket"] == "all"}
     assert ppl["lococo"] == pytest.approx(ppl["full"], rel=1e-5)
     assert ppl["h2o"] == pytest.approx(ppl["full"], rel=1e-5)
+    assert ppl["tova"] == pytest.approx(ppl["full"], rel=1e-5)
     assert ppl["streaming"] == pytest.approx(ppl["full"], rel=1e-5)
 
 

@@ -22,9 +22,9 @@ except ImportError:  # a source tree that was never built
     __version__ = "0.0.0+unbuilt"
 
 # public names of lococo.hf, imported lazily because they need transformers
-_HF_EXPORTS = ("FixedSlotCache", "LoCoCoCache", "H2OCache", "StreamingLLMCache", "build_cache", "apply_lococo",
-               "remove_lococo", "SUPPORTED_MODEL_TYPES", "cache_kwarg", "get_output_cache", "chunked_nll",
-               "iter_chunks")
+_HF_EXPORTS = ("FixedSlotCache", "LoCoCoCache", "H2OCache", "TOVACache", "StreamingLLMCache", "build_cache",
+               "apply_lococo", "remove_lococo", "SUPPORTED_MODEL_TYPES", "cache_kwarg", "get_output_cache",
+               "chunked_nll", "iter_chunks")
 
 
 def __getattr__(name):

@@ -9,7 +9,8 @@ returned by a fixed-slot cache layer, hand that layer the scores
     S[b, g, j] = sum over the call's queries i and the query heads h of KV group g of P[b, h, i, j]
 
 where P are the softmax probabilities of the call (queries whose every key is masked, such as
-left padding, contribute nothing). Only the latest call counts.
+left padding, contribute nothing). Only the latest call counts. A layer that sets
+``scores_from_last_query`` (TOVA) gets the same sum over the call's last query alone.
 
 The cache layer announces itself in ``update`` (``expect_scores``) and the attention function
 claims it by the identity of the key tensor, so nothing is wrapped and no global table is touched.
@@ -146,15 +147,28 @@ def biased_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     return output, probs.reshape(b, num_heads, q_len, kv_len), scores
 
 
+def last_query_scores(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                      scaling: float | None = None) -> torch.Tensor:
+    """``attention_scores`` of the call's last query alone (TOVA's): [b, kv_heads, kv_len], float32.
+
+    The last query sees every key of the call (causal masks are aligned bottom-right), so only
+    padding can mask it.
+    """
+    mask = None if attention_mask is None else attention_mask[..., -1:, :]
+    return attention_scores(query[:, :, -1:], key, mask, scaling)
+
+
 def _with_layer(module, query, key, value, attention_mask, dropout, scaling, plain, plain_scores):
     """The attention of a call: biased when the layer that gave ``key`` has logits, else ``plain``."""
     layer, wants_scores = _claim(key)
+    if wants_scores and getattr(layer, "scores_from_last_query", False):
+        plain_scores = lambda: last_query_scores(query, key, attention_mask, scaling)  # noqa: E731
     logit_bias = None if layer is None else getattr(layer, "logit_bias", None)
     if logit_bias is not None:
         output, weights, scores = biased_attention(module, query, key, value, attention_mask, logit_bias,
                                                    dropout, scaling)
         if wants_scores:
-            layer.record_scores(scores)
+            layer.record_scores(scores if not getattr(layer, "scores_from_last_query", False) else plain_scores())
         return output, weights
     output, weights = plain()
     if wants_scores:

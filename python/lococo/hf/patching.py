@@ -177,7 +177,8 @@ def apply_lococo(model: nn.Module, compressor: LoCoCoCompressor | None = None) -
     (``cache=``/``past_key_values=``) is used as given. ``generate()`` with a fixed-slot cache reads
     the prompt in chunks of the compressor's B (``config.chunk_size``) unless ``prefill_chunk_size``
     is given: the quality and the memory of a chunked prefill, by default. Without one, the model is only prepared
-    for fixed-slot caches passed explicitly (``H2OCache``, ``StreamingLLMCache``, ``LoCoCoCache``).
+    for fixed-slot caches passed explicitly (``H2OCache``, ``TOVACache``, ``StreamingLLMCache``,
+    ``LoCoCoCache``).
 
     The attention implementation becomes ``lococo_sdpa`` or ``lococo_eager`` unless the compressor
     is pure convolution (rho = 1, alpha = 1), which needs no scores. Flash/flex attention is replaced

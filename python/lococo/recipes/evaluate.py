@@ -1,4 +1,4 @@
-"""Perplexity by position of full cache, LoCoCo, H2O and StreamingLLM at the same M.
+"""Perplexity by position of full cache, LoCoCo, H2O, TOVA and StreamingLLM at the same M.
 
 Each document (the held-out test documents of the packaged split, or your own plain-text files
 with --docs) is cut to a token range and run chunk by chunk (B tokens per forward, as chunked
@@ -40,9 +40,10 @@ from .argtypes import (
     positive_int,
 )
 
-METHODS = ("full", "lococo", "h2o", "streaming")
-METHOD_LABELS = {"full": "full cache", "lococo": "LoCoCo", "h2o": "H2O",
+METHODS = ("full", "lococo", "h2o", "tova", "streaming")
+METHOD_LABELS = {"full": "full cache", "lococo": "LoCoCo", "h2o": "H2O", "tova": "TOVA",
                  "streaming": "StreamingLLM"}
+KEEPS_RECENT = ("h2o", "tova")   # the baselines that take --num-local
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,8 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beta", type=non_negative_int, default=None,
                         help="slack of the baselines (default: the compressor's, else 16)")
     parser.add_argument("--num-local", type=non_negative_int, default=None,
-                        help="recent entries H2O always keeps (default: the compressor's num_local, else 0), so "
-                             "that it keeps the same recent window as LoCoCo")
+                        help="recent entries H2O and TOVA always keep (default: the compressor's num_local, "
+                             "else 0), so that they keep the same recent window as LoCoCo")
     parser.add_argument("--model", default=None,
                         help="a from_pretrained folder (default: the fetched SmolLM2-135M)")
     add_assets_dir(parser)
@@ -135,7 +136,7 @@ def check_compressor_fits(geometry, model: str | None, assets_dir: str | None) -
 
 
 def fill_defaults(args, config) -> None:
-    """M, B, beta and H2O's num_local not given: the compressor's, else 128, 128, 16 and 0."""
+    """M, B, beta and the num_local of H2O and TOVA not given: the compressor's, else 128, 128, 16 and 0."""
     for name, default in (("num_slots", 128), ("chunk_size", 128), ("beta", 16), ("num_local", 0)):
         if getattr(args, name) is None:
             setattr(args, name, getattr(config, name) if config is not None else default)
@@ -143,10 +144,12 @@ def fill_defaults(args, config) -> None:
 
 def check_baselines(args) -> None:
     """The baselines' own checks of M and beta (StreamingLLM keeps 4 sinks, so M >= 4)."""
-    from ..hf.caches.baselines import H2OLayer, StreamingLLMLayer
+    from ..hf.caches.baselines import H2OLayer, StreamingLLMLayer, TOVALayer
 
     for method, make_layer, flags in (
             ("h2o", lambda: H2OLayer(args.num_slots, args.beta, args.num_local),
+             f"--num-slots {args.num_slots} and --num-local {args.num_local} do not"),
+            ("tova", lambda: TOVALayer(args.num_slots, args.beta, args.num_local),
              f"--num-slots {args.num_slots} and --num-local {args.num_local} do not"),
             ("streaming", lambda: StreamingLLMLayer(args.num_slots, args.beta),
              f"--num-slots {args.num_slots} does not")):
@@ -418,7 +421,7 @@ def set_up(args) -> Evaluation:
 
 
 def method_cache(method: str, args, ev: Evaluation):
-    """A fresh cache of one method, the baselines at the same M and beta, H2O with --num-local."""
+    """A fresh cache of one method, the baselines at the same M and beta, H2O and TOVA with --num-local."""
     from ..hf.caches import build_cache
 
     if method in ("full", "lococo"):
@@ -427,9 +430,9 @@ def method_cache(method: str, args, ev: Evaluation):
 
 
 def method_label(method: str, num_local: int) -> str:
-    """The method's name in tables, with H2O's recent window when it keeps one."""
+    """The method's name in tables, with H2O's or TOVA's recent window when it keeps one."""
     label = METHOD_LABELS[method]
-    return f"{label} ({num_local} recent)" if method == "h2o" and num_local else label
+    return f"{label} ({num_local} recent)" if method in KEEPS_RECENT and num_local else label
 
 
 def run_methods(args, ev: Evaluation) -> dict[str, Totals]:
@@ -481,8 +484,8 @@ def report(args, ev: Evaluation, totals: dict[str, Totals]) -> None:
                          "ppl": None if nll is None else round(math.exp(nll), 4),
                          "ppl_low": ppl_low, "ppl_high": ppl_high})
         tokens = sum(total.counts)
-        num_local = {"h2o": args.num_local,
-                     "lococo": ev.compressor.config.num_local if ev.compressor is not None else 0}.get(method, 0)
+        num_local = (args.num_local if method in KEEPS_RECENT else
+                     ev.compressor.config.num_local if method == "lococo" and ev.compressor is not None else 0)
         method_rows.append({"method": method, "num_slots": m_slots, "num_local": num_local,
                             "chunk_size": args.chunk_size, "beta": args.beta, "peak_kv_bytes": total.peak_bytes,
                             "peak_entries_per_layer": total.peak_entries,

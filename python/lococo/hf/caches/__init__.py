@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from transformers.cache_utils import Cache, DynamicCache
 
 from ...compressor import LoCoCoCompressor, ModelGeometry
-from .baselines import H2OCache, StreamingLLMCache
+from .baselines import H2OCache, StreamingLLMCache, TOVACache
 from .fixed_slot import FixedSlotCache, FixedSlotLayer, LoCoCoCache, LoCoCoLayer, kv_bytes
 
 if TYPE_CHECKING:
@@ -18,19 +18,19 @@ if TYPE_CHECKING:
     from transformers import PreTrainedConfig
 
 __all__ = ["CACHE_KINDS", "FixedSlotCache", "FixedSlotLayer", "H2OCache", "LoCoCoCache", "LoCoCoLayer",
-           "StreamingLLMCache", "build_cache", "kv_bytes"]
+           "StreamingLLMCache", "TOVACache", "build_cache", "kv_bytes"]
 
 
-CACHE_KINDS = ("lococo", "h2o", "streaming", "full")
+CACHE_KINDS = ("lococo", "h2o", "tova", "streaming", "full")
 
 
 def build_cache(kind: str, model: nn.Module | PreTrainedConfig, compressor: LoCoCoCompressor | None = None,
                 num_slots: int | None = None, beta: int | None = None, num_local: int | None = None) -> Cache:
-    """A fresh cache of one kind for ``model``: "lococo", "h2o", "streaming" or "full".
+    """A fresh cache of one kind for ``model``: "lococo", "h2o", "tova", "streaming" or "full".
 
-    "lococo" needs ``compressor``. The baselines take ``num_slots``, ``beta`` and (H2O) ``num_local``, the
-    recent entries always kept, from the arguments, else from ``compressor`` when given, else beta 16 and
-    num_local 0: an H2O cache built beside a compressor keeps as many recent entries as LoCoCo does.
+    "lococo" needs ``compressor``. The baselines take ``num_slots``, ``beta`` and (H2O, TOVA) ``num_local``,
+    the recent entries always kept, from the arguments, else from ``compressor`` when given, else beta 16
+    and num_local 0: an H2O or TOVA cache built beside a compressor keeps as many recent entries as LoCoCo.
     """
     if kind not in CACHE_KINDS:
         raise ValueError(f"kind must be one of {CACHE_KINDS}, got {kind!r}")
@@ -53,4 +53,6 @@ def build_cache(kind: str, model: nn.Module | PreTrainedConfig, compressor: LoCo
     num_layers = ModelGeometry.of(config).num_layers
     if kind == "h2o":
         return H2OCache(num_layers, num_slots, beta, num_local)
+    if kind == "tova":
+        return TOVACache(num_layers, num_slots, beta, num_local)
     return StreamingLLMCache(num_layers, num_slots, beta)

@@ -2,6 +2,8 @@
 
 - H2O: same trigger and same scores as LoCoCo (latest attention call); keeps the top-M entries
   (ties to the lower index, NaN scores last), in cache order, nothing fused.
+- TOVA: H2O's selection with another score, the attention that the latest call's last query pays
+  each entry, summed over all heads, so that every head keeps the same entries.
 - StreamingLLM: the first ``num_sink`` valid entries (4) plus the most recent M - num_sink. Keys
   keep their original positions (no re-rotation, as every cache here). Needs no scores, so it
   works on any attention backend.
@@ -16,7 +18,7 @@ import torch
 from ...ops.reference import rank_order
 from .fixed_slot import FixedSlotCache, FixedSlotLayer
 
-__all__ = ["H2OCache", "H2OLayer", "StreamingLLMCache", "StreamingLLMLayer"]
+__all__ = ["H2OCache", "H2OLayer", "StreamingLLMCache", "StreamingLLMLayer", "TOVACache", "TOVALayer"]
 
 
 def _gather_slots(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, keep: torch.Tensor):
@@ -50,6 +52,16 @@ class H2OLayer(FixedSlotLayer):
         return _gather_slots(self.keys, self.values, index, valid.gather(2, index))
 
 
+class TOVALayer(H2OLayer):
+    """Keeps the M entries that the last query attends to most, over all heads (``num_local`` recent always)."""
+
+    scores_from_last_query = True
+
+    def _scores_for_compression(self) -> torch.Tensor:
+        scores = super()._scores_for_compression()
+        return scores.sum(dim=1, keepdim=True).expand_as(scores)
+
+
 class StreamingLLMLayer(FixedSlotLayer):
     """Keeps the first ``num_sink`` valid entries and the most recent M - num_sink."""
 
@@ -79,6 +91,13 @@ class H2OCache(FixedSlotCache):
 
     def __init__(self, num_layers: int, num_slots: int, beta: int = 16, num_local: int = 0):
         super().__init__([H2OLayer(num_slots, beta, num_local) for _ in range(num_layers)])
+
+
+class TOVACache(FixedSlotCache):
+    """TOVA at M slots per layer: needs the scores of ``lococo_sdpa``/``lococo_eager`` (apply_lococo)."""
+
+    def __init__(self, num_layers: int, num_slots: int, beta: int = 16, num_local: int = 0):
+        super().__init__([TOVALayer(num_slots, beta, num_local) for _ in range(num_layers)])
 
 
 class StreamingLLMCache(FixedSlotCache):
