@@ -58,6 +58,7 @@ RUN_FILES = ("train_args.json", "log.jsonl", "log.csv", "loss.png", "lococo_conf
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from . import run_folder
     from .argtypes import fraction, non_negative_int, positive_int, positive_real
     from .train import add_model_and_compressor_arguments
 
@@ -84,13 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--compare-every", type=non_negative_int, default=4,
                      help="every N sequences, also measure H2O's error on the same sequence (0: never)")
     out.add_argument("--save-every", type=positive_int, default=4, help="checkpoint every N sequences")
-    out.add_argument("--no-resume", action="store_true",
-                     help="start a new run; refused when --output holds one, unless --overwrite")
-    out.add_argument("--resume-with-changes", action="store_true",
-                     help="resume although arguments that matter differ from the checkpoint's")
-    out.add_argument("--overwrite", action="store_true",
-                     help="with --no-resume: delete the run in --output first; also allows replacing a "
-                          "compressor that no run in --output wrote")
+    run_folder.add_arguments(out)
     out.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
 

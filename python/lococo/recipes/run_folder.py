@@ -51,6 +51,18 @@ RESUMABLE_CHANGES = ("docs", "split_file", "max_docs", "chunk_size", "beta", "nu
 MATTERS = FROZEN + RESUMABLE_CHANGES
 
 
+def add_arguments(group) -> None:
+    """--no-resume, --resume-with-changes and --overwrite, as `lococo train` and `lococo distill` take them."""
+    group.add_argument("--no-resume", action="store_true",
+                       help="start a new run; refused when --output holds one, unless --overwrite")
+    group.add_argument("--resume-with-changes", action="store_true",
+                       help="resume although arguments that matter differ from the checkpoint's; the new "
+                            "values apply from the next update")
+    group.add_argument("--overwrite", action="store_true",
+                       help="with --no-resume: delete the run in --output first; also allows replacing a "
+                            "compressor that no run in --output wrote")
+
+
 def run_arguments(args, world_size: int) -> dict:
     """The arguments that matter to a run, as plain JSON values."""
     values = {name: getattr(args, name) for name in MATTERS if name != "world_size"}

@@ -113,14 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--save-every", type=positive_int, default=50, help="checkpoint every N updates")
     out.add_argument("--keep-checkpoints", type=non_negative_int, default=2,
                      help="keep the newest N checkpoints (0: all)")
-    out.add_argument("--no-resume", action="store_true",
-                     help="start a new run; refused when --output holds one, unless --overwrite")
-    out.add_argument("--resume-with-changes", action="store_true",
-                     help="resume although arguments that matter differ from the checkpoint's; the new "
-                          "values apply from the next update")
-    out.add_argument("--overwrite", action="store_true",
-                     help="with --no-resume: delete the run in --output first; also allows replacing a "
-                          "compressor that no run in --output wrote")
+    run_folder.add_arguments(out)
     out.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
 
