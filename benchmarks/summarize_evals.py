@@ -13,9 +13,9 @@ among the H2O, TOVA and StreamingLLM rows at that M, and the share of the gap th
 
 (1 is the full cache's quality, 0 the baseline's, negative is worse than the baseline).
 
---plot draws the perplexity over a span of positions (by default 2K-8K, merged from its buckets
-by their NLL and token counts) against M, one line per method, with the full cache as a
-horizontal line.
+The last table and --plot give the perplexity over a span of positions (by default 2K-8K,
+merged from its buckets by their NLL and token counts) against M, one column (line) per method,
+with the full cache as a horizontal line.
 
     python benchmarks/summarize_evals.py RUN [RUN ...] --output summary.md [--plot quality_vs_memory.png]
 """
@@ -85,7 +85,32 @@ def order(key) -> tuple:
     return (slots or 0, METHODS.index(method), local)
 
 
-def tables(scope: dict, merged: dict) -> str:
+def span_names(scope: dict, span: tuple[int, int]) -> list[str]:
+    """The buckets that lie within ``span`` (positions), which the span's perplexity merges."""
+    edges = scope["buckets"]
+    names = [name for name, lo, hi in zip(scope["names"], edges, edges[1:]) if span[0] <= lo and hi <= span[1]]
+    if not names:
+        sys.exit(f"summarize_evals: no bucket lies within {span[0]}-{span[1]}")
+    return names
+
+
+def against_memory(scope: dict, merged: dict, span: tuple[int, int]) -> str:
+    """The plot's numbers: perplexity over the span, one row per M, one column per method."""
+    names = span_names(scope, span)
+    methods = sorted({(k[0], k[2]) for k in merged if k[0] != "full"}, key=lambda m: (METHODS.index(m[0]), m[1]))
+    full = next((ppl(v, names) for k, v in merged.items() if k[0] == "full"), None)
+    lines = [f"Perplexity over tokens {bucket_label(*span)} against M:", "",
+             "| M | full cache | " + " | ".join(label(*m) for m in methods) + " |",
+             "|---:|---:|" + "---:|" * len(methods)]
+    for slots in sorted({k[1] for k in merged if k[1] is not None}):
+        cells = [ppl(merged[(m, slots, local)], names) if (m, slots, local) in merged else None
+                 for m, local in methods]
+        lines.append(f"| {slots} | {'-' if full is None else f'{full:.2f}'} | "
+                     + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def tables(scope: dict, merged: dict, span: tuple[int, int] = (2048, 8192)) -> str:
     names = scope["names"]
     lines = [f"{len(scope['documents'])} documents, tokens {scope['start_token']}-"
              f"{scope['start_token'] + scope['max_tokens']}, B = {scope['chunk_size']}, beta = {scope['beta']}", "",
@@ -110,7 +135,7 @@ def tables(scope: dict, merged: dict) -> str:
             share = (b - lo) / (b - f) if b != f else math.nan
             lines.append(f"| {name} | {f:.2f} | {lo:.2f} | {label(best_key[0], best_key[2])} {b:.2f} | "
                          f"{100 * share:.0f}% |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + against_memory(scope, merged, span)
 
 
 def plot(scope: dict, merged: dict, path: Path, span: tuple[int, int]) -> None:
@@ -119,10 +144,7 @@ def plot(scope: dict, merged: dict, path: Path, span: tuple[int, int]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    edges = scope["buckets"]
-    names = [name for name, lo, hi in zip(scope["names"], edges, edges[1:]) if span[0] <= lo and hi <= span[1]]
-    if not names:
-        sys.exit(f"summarize_evals: no bucket lies within {span[0]}-{span[1]}")
+    names = span_names(scope, span)
     fig, ax = plt.subplots(figsize=(6.5, 4))
     lines: dict = {}
     for key in sorted(merged, key=order):
@@ -151,13 +173,14 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, default=None, help="write the tables here (default: print)")
     parser.add_argument("--plot", type=Path, default=None, help="quality-against-memory PNG")
     parser.add_argument("--span", type=int, nargs=2, default=(2048, 8192), metavar=("START", "END"),
-                        help="positions the plot's perplexity covers (default: 2048 8192)")
+                        help="positions that the plot's perplexity and the table against M cover "
+                             "(default: 2048 8192)")
     args = parser.parse_args(argv)
     for folder in args.runs:
         if not (folder / "eval_meta.json").is_file():
             parser.error(f"{folder}: not a lococo eval output folder (no eval_meta.json)")
     scope, merged = merge(args.runs)
-    text = tables(scope, merged)
+    text = tables(scope, merged, tuple(args.span))
     if args.output:
         args.output.write_text(text)
     print(text, end="")

@@ -167,10 +167,13 @@ def test_slot_bias_must_be_a_bool():
         lococo.LoCoCoConfig(slot_bias="yes")
 
 
-def test_shipped_compressors_load_by_name():
-    names = lococo.LoCoCoCompressor.pretrained_names()
-    assert "smollm2-135m-m128" in names
-    compressor = lococo.LoCoCoCompressor.from_pretrained("smollm2-135m-m128")
-    assert compressor.geometry.num_layers == 30 and compressor.config.num_slots == 128
+@pytest.mark.parametrize("slots", [64, 128, 256])
+def test_shipped_compressors_load_by_name(slots):
+    name = f"smollm2-135m-m{slots}"
+    assert name in lococo.LoCoCoCompressor.pretrained_names()
+    compressor = lococo.LoCoCoCompressor.from_pretrained(name)
+    assert compressor.geometry.num_layers == 30 and compressor.config.num_slots == slots
+    assert compressor.config.num_local == 16 and compressor.config.slot_bias
+    assert all(0 <= float(layer.alpha) <= 1 for layer in compressor.layers)
     with pytest.raises(FileNotFoundError):
         lococo.LoCoCoCompressor.from_pretrained("no-such-compressor")

@@ -50,6 +50,9 @@ def test_runs_merge_and_the_share_is_against_the_better_baseline(tmp_path, capsy
     assert "| H2O (8 recent) | 64 | 20.00 | 14.00 | 16.73 |" in out
     assert "| 0-1K | 10.00 | 13.00 | StreamingLLM 16.00 | 50% |" in out
     assert "| 1K-2K | 10.00 | 15.00 | TOVA (8 recent) 13.00 | -67% |" in out
+    against_memory = out.split("Perplexity over tokens 0-2K against M:")[1]   # the plot's numbers
+    assert "| M | full cache | LoCoCo | H2O (8 recent) | TOVA (8 recent) | StreamingLLM |" in against_memory
+    assert "| 64 | 10.00 | 13.96 | 16.73 | 14.87 | 16.97 |" in against_memory
     assert (tmp_path / "q.png").stat().st_size > 0
 
 
