@@ -161,14 +161,15 @@ def last_query_scores(query: torch.Tensor, key: torch.Tensor, attention_mask: to
 def _with_layer(module, query, key, value, attention_mask, dropout, scaling, plain, plain_scores):
     """The attention of a call: biased when the layer that gave ``key`` has logits, else ``plain``."""
     layer, wants_scores = _claim(key)
-    if wants_scores and getattr(layer, "scores_from_last_query", False):
+    last_query = wants_scores and getattr(layer, "scores_from_last_query", False)
+    if last_query:
         plain_scores = lambda: last_query_scores(query, key, attention_mask, scaling)  # noqa: E731
     logit_bias = None if layer is None else getattr(layer, "logit_bias", None)
     if logit_bias is not None:
         output, weights, scores = biased_attention(module, query, key, value, attention_mask, logit_bias,
                                                    dropout, scaling)
         if wants_scores:
-            layer.record_scores(scores if not getattr(layer, "scores_from_last_query", False) else plain_scores())
+            layer.record_scores(plain_scores() if last_query else scores)
         return output, weights
     output, weights = plain()
     if wants_scores:

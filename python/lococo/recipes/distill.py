@@ -248,7 +248,7 @@ def open_folder(args) -> dict[str, list] | None:
                              "folder: pass --overwrite as well to delete it and start over, or choose another folder")
         _wipe(output)
         return None
-    recorded_file = _recorded_arguments(output / "train_args.json")
+    recorded_file = run_folder.recorded_arguments(output, FROZEN + RESUMABLE_CHANGES)
     if not progress.is_file():   # a run that stopped before its first checkpoint: start it again if it is the same
         changed = run_folder.differences(recorded_file or {}, current, FROZEN + RESUMABLE_CHANGES)
         if recorded_file is None or changed:
@@ -269,14 +269,6 @@ def open_folder(args) -> dict[str, list] | None:
                              "--resume-with-changes to resume it with these, or --no-resume --overwrite")
         return {}
     return run_folder.check_resume(where, recorded, current, FROZEN, RESUMABLE_CHANGES, args.resume_with_changes)
-
-
-def _recorded_arguments(path: Path) -> dict | None:
-    try:
-        recorded = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return {name: recorded.get(name) for name in FROZEN + RESUMABLE_CHANGES} if isinstance(recorded, dict) else None
 
 
 def write_record(args, output: Path, done: int, changes: dict[str, list] | None) -> None:

@@ -157,7 +157,7 @@ def open_run(args, world_size: int) -> RunPlan:
     if found:
         return _resume(args, plan, found)
     # a run that stopped before its first checkpoint: nothing to resume, so start it again if it is the same
-    recorded = _recorded_arguments(output)
+    recorded = recorded_arguments(output)
     changed = differences(recorded or {}, plan.run_args, MATTERS)
     if recorded is None or changed:
         raise UsageError(f"--output {output} holds another run that has no checkpoint"
@@ -180,7 +180,7 @@ def _resume(args, plan: RunPlan, found: list[tuple[int, Path]]) -> RunPlan:
             continue
         plan.checkpoint, plan.state = folder, state
         plan.step, plan.sequences = int(state["step"]), int(state["sequences"])
-        _check_changes(args, plan, recorded if recorded is not None else _recorded_arguments(plan.output))
+        _check_changes(args, plan, recorded if recorded is not None else recorded_arguments(plan.output))
         if errors:
             _warn(f"checkpoints that do not load are set aside ({'; '.join(errors)}); resuming from {folder.name}")
         return plan
@@ -188,12 +188,13 @@ def _resume(args, plan: RunPlan, found: list[tuple[int, Path]]) -> RunPlan:
                      "--no-resume --overwrite to start over, or choose another folder")
 
 
-def _recorded_arguments(output: Path) -> dict | None:
+def recorded_arguments(output: Path, names=MATTERS) -> dict | None:
+    """The values of ``names`` in the folder's recorded arguments, None when there is no readable record."""
     try:
         recorded = json.loads((output / ARGS_FILE).read_text())
     except (OSError, ValueError):
         return None
-    return {name: recorded.get(name) for name in MATTERS} if isinstance(recorded, dict) else None
+    return {name: recorded.get(name) for name in names} if isinstance(recorded, dict) else None
 
 
 def _check_changes(args, plan: RunPlan, recorded: dict | None) -> None:
