@@ -273,6 +273,8 @@ def open_folder(args) -> dict[str, list] | None:
 
 def write_record(args, output: Path, done: int, changes: dict[str, list] | None) -> None:
     """train_args.json (every argument, and the changes of each resume); the log cut back to the checkpoint."""
+    from . import run_folder
+
     history = []
     if changes is not None:
         try:
@@ -284,16 +286,7 @@ def write_record(args, output: Path, done: int, changes: dict[str, list] | None)
     record = {k: v for k, v in vars(args).items() if k not in ("func", "validate")}
     (output / "train_args.json").write_text(json.dumps({**record, "resumed_with_changes": history},
                                                        indent=2, default=str) + "\n")
-    log = output / "log.jsonl"
-    if log.exists():   # rows written after the checkpoint are trained again: keep each sequence once
-        kept = []
-        for line in log.read_text(errors="replace").splitlines():
-            try:
-                if json.loads(line)["sequences"] <= done:
-                    kept.append(line)
-            except (ValueError, TypeError, KeyError):
-                continue
-        log.write_text("".join(line + "\n" for line in kept))
+    run_folder.truncate_log(output, done, key="sequences")
 
 
 def save_checkpoint(output: Path, compressor, optimizers, sequences: int, run_args: dict) -> None:

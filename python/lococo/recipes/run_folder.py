@@ -82,7 +82,7 @@ def describe(changes: dict[str, list]) -> str:
 
 
 def _warn(message: str) -> None:
-    print(f"lococo train: warning: {message}", file=sys.stderr, flush=True)
+    print(f"lococo: warning: {message}", file=sys.stderr, flush=True)
 
 
 def checkpoints(output: Path) -> list[tuple[int, Path]]:
@@ -254,8 +254,9 @@ def prepare_folder(plan: RunPlan, record: dict) -> None:
                                                indent=1, default=str) + "\n")
 
 
-def truncate_log(output: Path, step: int) -> None:
-    """Keeps the log rows up to ``step`` (the checkpoint resumed from); drops unreadable lines."""
+def truncate_log(output: Path, step: int, key: str = "step") -> None:
+    """Keeps the log rows whose ``key`` is at most ``step`` (the checkpoint resumed from): rows written after it
+    are trained again. Drops unreadable lines (an interrupted write)."""
     path = output / LOG_FILE
     if not path.exists():
         return
@@ -263,7 +264,7 @@ def truncate_log(output: Path, step: int) -> None:
     for line in path.read_text(errors="replace").splitlines():
         try:
             row = json.loads(line)
-            keep = row["step"] <= step
+            keep = row[key] <= step
         except (ValueError, TypeError, KeyError):
             dropped += bool(line.strip())
             continue
