@@ -131,6 +131,30 @@ def test_replay_at_alpha_0_is_h2o_and_its_gradient_reaches_alpha_and_the_slot_lo
     assert updates and all(torch.isfinite(a) and a != 0 and s.abs().sum() > 0 for a, s in updates)
 
 
+def test_lookahead_replay_ranks_by_the_coming_chunks_attention(monkeypatch):
+    from lococo.hf.attention import attention_scores
+    from lococo.hf.caches import LoCoCoLayer
+
+    model = tiny_model("llama", "sdpa", seed=85)
+    records = _records(model, torch.randint(3, 90, (1, 48), generator=torch.Generator().manual_seed(86)))
+    compressor = tiny_compressor(model, seed=87, chunk_size=5)
+    attn, (query, key, _, _) = model.model.layers[0].self_attn, records[0]
+    seen = []
+    compress = LoCoCoLayer.compress
+    monkeypatch.setattr(LoCoCoLayer, "compress", lambda self: (seen.append(
+        (self.cumulative_length, self.keys.clone(), self.scores.clone())), compress(self))[1])
+    for lookahead in (True, False):
+        seen.clear()
+        distill.replay_layer(compressor.layers[0], compressor.config, records[0], attn, alpha=0.0, lookahead=lookahead)
+        assert len(seen) > 3
+        for start, stored_keys, scores in seen:
+            stop = min(48, start + 5)   # the chunk about to be appended
+            coming = attention_scores(query[:, :, start:stop].float(),
+                                      torch.cat([stored_keys, key[:, :, start:stop].float()], -2), None,
+                                      attn.scaling)[..., :stored_keys.shape[-2]]
+            assert torch.allclose(scores, coming, atol=1e-5) == lookahead
+
+
 def test_passkey_prompt_has_the_length_and_the_key_at_its_depth():
     from tokenizers import Tokenizer, models, pre_tokenizers
 

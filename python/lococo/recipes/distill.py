@@ -153,7 +153,7 @@ def teacher_records(model, ids):
 # ----------------------------------------------------------------------------------------
 
 def replay_layer(layer_compressor, config, record, attention_module, *, alpha: float | None = None,
-                 step_every: int = 0, on_update=None) -> tuple[float, int]:
+                 lookahead: bool = False, step_every: int = 0, on_update=None) -> tuple[float, int]:
     """The LoCoCo cache of one layer over a recorded sequence, chunk by chunk, as at inference.
 
     The cache layer is ``LoCoCoLayer`` itself and the attention is ``biased_attention`` (which the
@@ -162,6 +162,9 @@ def replay_layer(layer_compressor, config, record, attention_module, *, alpha: f
     ``step_every`` > 0 the loss is back-propagated after every chunk and ``on_update()`` is called
     every ``step_every`` compressed chunks (and once at the end). ``alpha`` replaces the layer's blend
     and drops its slot logits (alpha = 0 is H2O's top-M selection with the same trigger and scores).
+    ``lookahead`` compresses with the scores that the coming chunk's own queries give the stored entries
+    instead of the previous chunk's: an oracle that no cache can run, the best a one-chunk selection can
+    do (``benchmarks/layer_error.py``).
     """
     import torch
 
@@ -182,8 +185,16 @@ def replay_layer(layer_compressor, config, record, attention_module, *, alpha: f
     train = step_every > 0
     for start in range(0, total, config.chunk_size):
         stop = min(total, start + config.chunk_size)
+        new_keys, new_values = key[:, :, start:stop], value[:, :, start:stop]
+        if lookahead and layer._will_compress():
+            with torch.no_grad():
+                _, _, ahead = biased_attention(attention_module, query[:, :, start:stop],
+                                               torch.cat([layer.keys, new_keys], -2),
+                                               torch.cat([layer.values, new_values], -2), None, layer.logit_bias,
+                                               scaling=attention_module.scaling)
+            layer.record_scores(ahead[..., :layer.stored_length])
         with torch.set_grad_enabled(train and layer._will_compress()):
-            keys, values = layer.update(key[:, :, start:stop], value[:, :, start:stop])
+            keys, values = layer.update(new_keys, new_values)
             # no mask: every stored entry visible, the new ones causal (bottom-right aligned)
             out, _, scores = biased_attention(attention_module, query[:, :, start:stop], keys, values, None,
                                               layer.logit_bias, scaling=attention_module.scaling)
