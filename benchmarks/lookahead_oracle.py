@@ -27,9 +27,9 @@ import math
 import sys
 from pathlib import Path
 
+import summarize_evals
 import torch
 
-import summarize_evals
 from lococo.hf import attention
 from lococo.hf.caches import FixedSlotCache
 from lococo.hf.caches.baselines import H2OLayer

@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 
 import lococo
-from hf_models import random_ids, tiny_model
 from lococo.hf.caches import FixedSlotCache, H2OCache
 from lococo.hf.chunked import chunked_nll
+
+from hf_models import random_ids, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))   # it imports summarize_evals beside it
