@@ -97,7 +97,17 @@ def test_eval_compressor_for_another_model_fails_before_the_model(capsys, tmp_pa
 
 def test_eval_compressor_is_read_before_the_model(capsys, tmp_path):
     err = usage_error(capsys, EVAL + [str(tmp_path), "--compressor", str(tmp_path / "none")])
-    assert "--compressor:" in err and "lococo_config.json" in err
+    assert "--compressor:" in err and "lococo_config.json" in err and "smollm2-135m-m128" in err   # the shipped names
+
+
+def test_eval_takes_a_shipped_compressor_by_name(capsys, tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2).save_pretrained(tmp_path / "model")
+    err = usage_error(capsys, EVAL + [str(tmp_path / "out"), "--model", str(tmp_path / "model"), "--compressor",
+                                      "smollm2-135m-m256"])
+    assert "--compressor was built for llama with 30 layers" in err   # found by name, then checked against the model
 
 
 @pytest.mark.parametrize("argv, flag, expected", [

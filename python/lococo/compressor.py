@@ -134,15 +134,29 @@ class ModelGeometry:
         return theirs
 
 
+def compressor_folder(path: str | Path) -> Path:
+    """``path`` itself, or the shipped compressor of that name (``"smollm2-135m-m128"``) when no such path exists."""
+    path = Path(path)
+    if not path.exists() and (PRETRAINED_DIR / path / CONFIG_FILE).is_file():
+        return PRETRAINED_DIR / path
+    return path
+
+
+def _missing(path: Path) -> FileNotFoundError:
+    shipped = ", ".join(LoCoCoCompressor.pretrained_names())
+    return FileNotFoundError(f"{path} must hold {CONFIG_FILE} and {WEIGHTS_FILE} (written by save_pretrained), "
+                             f"or be the name of a shipped compressor ({shipped})")
+
+
 def read_compressor_config(path: str | Path) -> tuple[LoCoCoConfig, ModelGeometry]:
     """The config and geometry in a compressor folder's lococo_config.json, checked field by field.
 
     Every error is a ValueError (FileNotFoundError when the file is absent) naming the file and
     the field; no field is filled in with a default.
     """
-    file = Path(path) / CONFIG_FILE
+    file = compressor_folder(path) / CONFIG_FILE
     if not file.is_file():
-        raise FileNotFoundError(f"{path} must hold {CONFIG_FILE} and {WEIGHTS_FILE} (written by save_pretrained)")
+        raise _missing(Path(path))
     try:
         meta = json.loads(file.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
@@ -248,11 +262,9 @@ class LoCoCoCompressor(nn.Module):
         """
         from safetensors.torch import load_file
 
-        path = Path(path)
-        if not path.exists() and (PRETRAINED_DIR / path / CONFIG_FILE).is_file():
-            path = PRETRAINED_DIR / path
+        path = compressor_folder(path)
         if not (path / WEIGHTS_FILE).is_file():
-            raise FileNotFoundError(f"{path} must hold {CONFIG_FILE} and {WEIGHTS_FILE} (written by save_pretrained)")
+            raise _missing(path)
         config, geometry = read_compressor_config(path)
         if model is not None:
             theirs = geometry.require_fit(model, f"the compressor in {path}")

@@ -25,14 +25,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the Union speech long enough) or a plain-text file")
     parser.add_argument("--tokens", type=int_at_least(2), default=3072, help="tokens of the document to read")
     parser.add_argument("--compressor", default=str(DEFAULT_COMPRESSOR),
-                        help="a LoCoCoCompressor folder (default: the one shipped for SmolLM2)")
+                        help="a LoCoCoCompressor folder or the name of a shipped one (default: the one shipped "
+                             "for SmolLM2 at M = 128)")
     parser.add_argument("--generate", type=non_negative_int, default=40, help="tokens to generate after it")
     add_assets_dir(parser)
 
 
 def validate(args) -> None:
     """The compressor must be readable, and --doc a file or a document id, before the model loads."""
-    from ..compressor import read_compressor_config
+    from ..compressor import LoCoCoCompressor, read_compressor_config
     from .assets import SOURCES
     from .evaluate import check_compressor_fits
 
@@ -44,7 +45,8 @@ def validate(args) -> None:
         geometry = read_compressor_config(args.compressor)[1]
     except FileNotFoundError:
         raise UsageError(f"no compressor at --compressor {args.compressor} (train one with `lococo train "
-                         "--output DIR` and pass --compressor DIR)") from None
+                         "--output DIR` and pass --compressor DIR, or name a shipped one: "
+                         f"{', '.join(LoCoCoCompressor.pretrained_names())})") from None
     except ValueError as exc:
         raise UsageError(f"--compressor: {exc}") from None
     check_compressor_fits(geometry, None, args.assets_dir)

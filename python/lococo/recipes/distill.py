@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="no learned attention logit per fused slot (the paper's semantics)")
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--init-from", default=None, metavar="FOLDER",
-                     help="start from this compressor (same geometry) instead of a fresh one")
+                     help="start from this compressor (a folder or a shipped name; same geometry), not a fresh one")
     opt.add_argument("--seq-len", type=positive_int, default=8192, help="tokens per training sequence")
     opt.add_argument("--sequences", type=positive_int, default=128, help="training sequences in all")
     opt.add_argument("--batch-size", type=positive_int, default=1, help="sequences per teacher forward")

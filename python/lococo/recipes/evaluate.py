@@ -48,7 +48,8 @@ KEEPS_RECENT = ("h2o", "tova")   # the baselines that take --num-local
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compressor", default=None, metavar="DIR",
-                        help="a trained compressor folder (save_pretrained); needed for lococo")
+                        help="a trained compressor folder (save_pretrained) or the name of a shipped one "
+                             "(smollm2-135m-m128, ...); needed for lococo")
     parser.add_argument("--methods", default=None, type=choices_list(lambda: list(METHODS), "methods"),
                         help=f"comma separated, from {','.join(METHODS)} (default: all; without "
                              "--compressor all but lococo)")
