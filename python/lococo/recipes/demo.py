@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def validate(args) -> None:
     """The compressor must be readable, and --doc a file or a document id, before the model loads."""
-    from ..compressor import LoCoCoCompressor, read_compressor_config
+    from ..compressor import read_compressor_config
     from .assets import SOURCES
     from .evaluate import check_compressor_fits
 
@@ -43,10 +43,9 @@ def validate(args) -> None:
 
     try:
         geometry = read_compressor_config(args.compressor)[1]
-    except FileNotFoundError:
+    except FileNotFoundError as exc:   # its message names the shipped compressors
         raise UsageError(f"no compressor at --compressor {args.compressor} (train one with `lococo train "
-                         "--output DIR` and pass --compressor DIR, or name a shipped one: "
-                         f"{', '.join(LoCoCoCompressor.pretrained_names())})") from None
+                         f"--output DIR` and pass --compressor DIR): {exc}") from None
     except ValueError as exc:
         raise UsageError(f"--compressor: {exc}") from None
     check_compressor_fits(geometry, None, args.assets_dir)
