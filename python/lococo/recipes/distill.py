@@ -323,7 +323,9 @@ def save_checkpoint(output: Path, compressor, optimizers, sequences: int, run_ar
 
 
 def write_csv_and_plot(output: Path) -> None:
-    rows = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines() if line.strip()]
+    from . import run_folder
+
+    rows = run_folder.read_log(output)
     if not rows:
         return
     with open(output / "log.csv", "w", newline="") as handle:
@@ -436,6 +438,7 @@ def main(args) -> int:
     import torch
     from tqdm.auto import tqdm
 
+    from . import run_folder
     from .train import TokenWindows, load_llm, training_documents
 
     output = Path(args.output)
@@ -454,7 +457,7 @@ def main(args) -> int:
     windows = TokenWindows(docs, read, tokenizer, args.seq_len, args.seed)
 
     bar = tqdm(total=args.sequences, initial=done, disable=args.no_progress, unit="seq")
-    with open(output / "log.jsonl", "a") as log:
+    with open(output / run_folder.LOG_FILE, "a") as log:
         while done < args.sequences:
             batch = min(args.batch_size, args.sequences - done)
             ids = torch.stack([windows[done + i] for i in range(batch)])
