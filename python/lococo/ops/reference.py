@@ -114,11 +114,12 @@ def fuse_kv(
     """
     check_fuse_kv_args(mem_k, mem_v, new_k, new_v, scores, weight, bias, alpha, num_heavy, num_local, valid_len)
     b, h, _, d = mem_k.shape
+    L = mem_k.shape[2] + new_k.shape[2]
     out_dtype = mem_k.dtype
     cdt = compute_dtype(out_dtype)
-    keys = torch.cat([mem_k, new_k], dim=2).to(cdt).reshape(b * h, -1, d)
-    values = torch.cat([mem_v, new_v], dim=2).to(cdt).reshape(b * h, -1, d)
-    L = keys.shape[1]
+    # every size explicit: a -1 cannot be inferred when a batch, head or feature dimension is 0
+    keys = torch.cat([mem_k, new_k], dim=2).to(cdt).reshape(b * h, L, d)
+    values = torch.cat([mem_v, new_v], dim=2).to(cdt).reshape(b * h, L, d)
     C = weight.shape[0]
     M = num_heavy + C
 
@@ -137,7 +138,7 @@ def fuse_kv(
     values_out = _take(values, src).masked_fill(~src_ok.unsqueeze(-1), 0)
 
     rows = torch.nonzero(~keep).flatten()
-    if rows.numel() > 0:
+    if rows.numel() > 0 and d > 0:  # with d = 0 every slot is empty: nothing to compute
         w = weight.to(cdt)
         bias_c = None if bias is None else bias.to(cdt)
         a = alpha.to(cdt).reshape(())
