@@ -81,7 +81,8 @@ def main(argv=None) -> int:
             runs = {"h2o": {"alpha": 0.0}, "lococo": {}, "lookahead": {"alpha": 0.0, "lookahead": True}}
             with torch.no_grad():
                 for variant, options in runs.items():
-                    total, count = distill.replay_layer(compressor.layers[layer], config, records[layer], attn,
+                    total, count = distill.replay_layer(compressor.layers[layer], config.layer(layer), records[layer],
+                                                        attn,
                                                         **options)
                     errors[layer, variant].append(total / max(1, count))
             records[layer] = None

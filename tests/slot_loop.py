@@ -90,43 +90,50 @@ class SlotLoop:
     """A fixed-slot cache and the model's forward, step by step.
 
     ``policy`` is "h2o" or "tova" (``num_local``), "streaming" (``num_sink``) or "lococo" (``compressor``).
+    ``num_slots`` is one M for every layer or a list with one per layer (per-layer budgets).
     """
 
     def __init__(self, model, policy: str, num_slots: int, beta: int, num_local: int = 0, num_sink: int = 4,
                  compressor=None):
         self.model, self.policy = model, policy
-        self.num_slots, self.beta = num_slots, beta
-        self.num_local, self.num_sink, self.compressor = num_local, num_sink, compressor
         n_layers = len(model.model.layers)
+        self.slots = list(num_slots) if isinstance(num_slots, (list, tuple)) else [num_slots] * n_layers
+        self.beta = beta
+        self.num_local, self.num_sink, self.compressor = num_local, num_sink, compressor
         self.keys: list[torch.Tensor | None] = [None] * n_layers     # [b, kv_heads, L, d]
         self.values: list[torch.Tensor | None] = [None] * n_layers
         self.valid: list[torch.Tensor | None] = [None] * n_layers    # [b, L] bool
         self.scores: list[torch.Tensor | None] = [None] * n_layers   # [b, kv_heads, L], latest call
-        self.num_compressions = 0
+        self.compressions = [0] * n_layers
+
+    @property
+    def num_compressions(self) -> int:
+        return max(self.compressions)
 
     def _keep_row(self, layer: int, keys, values, scores):
         """keys/values [h, n, d] and scores [h, n] of one row's valid entries -> kept [h, m, d] each."""
         out_k, out_v = [], []
+        M = self.slots[layer]
         for head in range(keys.shape[0]):
             k, v, s = keys[head], values[head], scores[head].tolist()
-            if self.policy == "lococo" and len(s) >= self.num_slots:
+            if self.policy == "lococo" and len(s) >= M:
                 kept_k, kept_v = self._lococo(layer, k, v, s)
             elif self.policy == "lococo":          # fewer valid entries than slots: all kept
                 kept_k, kept_v = k, v
             else:
                 if self.policy == "h2o":
-                    index = h2o_keep(s, self.num_slots, self.num_local)
+                    index = h2o_keep(s, M, self.num_local)
                 elif self.policy == "tova":                # one ranking for all heads
-                    index = h2o_keep(scores.sum(0).tolist(), self.num_slots, self.num_local)
+                    index = h2o_keep(scores.sum(0).tolist(), M, self.num_local)
                 else:
-                    index = streaming_keep(len(s), self.num_slots, self.num_sink)
+                    index = streaming_keep(len(s), M, self.num_sink)
                 kept_k, kept_v = k[index], v[index]
             out_k.append(kept_k)
             out_v.append(kept_v)
         return torch.stack(out_k), torch.stack(out_v)
 
     def _lococo(self, layer: int, keys, values, scores: list[float]):
-        c, config = self.compressor[layer], self.compressor.config
+        c, config = self.compressor[layer], self.compressor.config.layer(layer)
         weight = c.weight.detach().double()
         bias = weight.new_zeros(weight.shape[0]) if c.bias is None else c.bias.detach().double()
         kept_k, kept_v = lococo_slots(keys.double(), values.double(), scores, weight, bias, float(c.alpha.detach()),
@@ -136,7 +143,7 @@ class SlotLoop:
     def _compress(self, layer: int) -> None:
         keys, values, valid, scores = self.keys[layer], self.values[layer], self.valid[layer], self.scores[layer]
         b, h, _, d = keys.shape
-        M = self.num_slots
+        M = self.slots[layer]
         new_k, new_v = keys.new_zeros(b, h, M, d), values.new_zeros(b, h, M, d)
         new_valid = torch.zeros(b, M, dtype=torch.bool)
         for row in range(b):
@@ -146,8 +153,7 @@ class SlotLoop:
             new_k[row, :, M - m:], new_v[row, :, M - m:] = kept_k, kept_v    # right-aligned, empty slots first
             new_valid[row, M - m:] = True
         self.keys[layer], self.values[layer], self.valid[layer] = new_k, new_v, new_valid
-        if layer == 0:
-            self.num_compressions += 1
+        self.compressions[layer] += 1
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -160,7 +166,7 @@ class SlotLoop:
             attn = layer.self_attn
             d = attn.head_dim
             qs, ks, vs = layer_qkv(layer, x, cos, sin)
-            if self.keys[i] is not None and self.keys[i].shape[2] > self.num_slots + self.beta:
+            if self.keys[i] is not None and self.keys[i].shape[2] > self.slots[i] + self.beta:
                 self._compress(i)
             if self.keys[i] is None:
                 self.keys[i], self.values[i], self.valid[i] = ks, vs, valid.clone()

@@ -12,6 +12,7 @@ on first use and needs the ``hf`` extra.
 
 import importlib
 
+from .budgets import Budgets
 from .compressor import LayerCompressor, LoCoCoCompressor
 from .config import LoCoCoConfig
 from .ops import compiled, fuse_kv, has_kernel, kernel_devices, reference
@@ -37,5 +38,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'lococo' has no attribute {name!r}")
 
 
-__all__ = ["LayerCompressor", "LoCoCoCompressor", "LoCoCoConfig", "__version__", "compiled", "fuse_kv",
+__all__ = ["Budgets", "LayerCompressor", "LoCoCoCompressor", "LoCoCoConfig", "__version__", "compiled", "fuse_kv",
            "has_kernel", "kernel_devices", "reference", *_HF_EXPORTS]

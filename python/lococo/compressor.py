@@ -17,7 +17,9 @@ __all__ = ["LayerCompressor", "LoCoCoCompressor", "ModelGeometry", "read_compres
 
 CONFIG_FILE = "lococo_config.json"
 WEIGHTS_FILE = "lococo_compressor.safetensors"
-FORMAT_VERSION = 1
+# 2: config.num_slots may be a list (per-layer budgets). Version 1 files (one int M) still load.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 # compressors shipped with the package, loadable by folder name: from_pretrained("smollm2-135m-m128")
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 
@@ -164,9 +166,13 @@ def read_compressor_config(path: str | Path) -> tuple[LoCoCoConfig, ModelGeometr
     if not isinstance(meta, dict):
         raise ValueError(f"{file}: expected a JSON object with format_version, config and model, got a "
                          f"{type(meta).__name__}")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READABLE_VERSIONS:
         raise ValueError(f"{file}: format_version {meta.get('format_version')!r} is not supported (this lococo "
-                         f"reads {FORMAT_VERSION})")
+                         f"reads {', '.join(map(str, READABLE_VERSIONS))})")
+    if meta["format_version"] == 1 and isinstance(meta.get("config"), dict) and isinstance(
+            meta["config"].get("num_slots"), list):
+        raise ValueError(f"{file}: config.num_slots is a list, which format_version 1 cannot hold (per-layer "
+                         "budgets need format_version 2)")
     for key in ("config", "model"):
         if not isinstance(meta.get(key), dict):
             raise ValueError(f"{file}: field {key} is missing or not a JSON object")
@@ -177,6 +183,7 @@ def read_compressor_config(path: str | Path) -> tuple[LoCoCoConfig, ModelGeometr
     try:
         config = LoCoCoConfig.from_dict(meta["config"])
         geometry = ModelGeometry.from_dict(meta["model"])
+        config.slots_per_layer(geometry.num_layers)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{file}: {str(exc).replace('LoCoCoConfig: ', 'config: ')}") from None
     return config, geometry
@@ -195,12 +202,13 @@ class LoCoCoCompressor(nn.Module):
         super().__init__()
         if not isinstance(config, LoCoCoConfig):
             raise TypeError(f"config must be a LoCoCoConfig, got {type(config).__name__}")
+        config.slots_per_layer(geometry.num_layers)  # per-layer budgets: one per decoder layer
         self.config = config
         self.geometry = geometry
         self.layers = nn.ModuleList(
-            LayerCompressor(geometry.head_dim, config.num_fused, config.kernel_size, config.init_std,
+            LayerCompressor(geometry.head_dim, config.layer(i).num_fused, config.kernel_size, config.init_std,
                             config.alpha_init, slot_bias=config.slot_bias, device=device, dtype=dtype)
-            for _ in range(geometry.num_layers))
+            for i in range(geometry.num_layers))
 
     @classmethod
     def for_model(cls, model_or_config, config: LoCoCoConfig | None = None, device=None,
@@ -210,10 +218,16 @@ class LoCoCoCompressor(nn.Module):
         An untrained compressor mixes entries at random; for inference load a trained one with
         ``from_pretrained`` (``pretrained_names()`` lists those shipped with lococo).
 
-        ``config_fields`` build the ``LoCoCoConfig`` when ``config`` is not given. The device
+        ``config_fields`` build the ``LoCoCoConfig`` when ``config`` is not given; their ``num_slots`` may be
+        one M per layer: a list, a ``lococo.Budgets`` or a budget file (path or shipped name). The device
         defaults to the model's.
         """
         if config is None:
+            if isinstance(config_fields.get("num_slots"), (str, Path)):  # a budget file or a shipped name
+                from .budgets import per_layer_slots
+
+                num_layers = ModelGeometry.of(model_or_config).num_layers
+                config_fields["num_slots"] = per_layer_slots(config_fields["num_slots"], num_layers)
             config = LoCoCoConfig(**config_fields)
         elif config_fields:
             raise TypeError("give either a LoCoCoConfig or its fields, not both")
@@ -229,7 +243,7 @@ class LoCoCoCompressor(nn.Module):
 
     def needs_scores(self) -> bool:
         """False only for pure convolution (no heavy hitters and alpha = 1 in every layer)."""
-        if self.config.num_heavy > 0:
+        if any(self.config.layer(i).num_heavy > 0 for i in range(len(self.layers))):
             return True
         return any(float(layer.alpha.detach()) != 1.0 for layer in self.layers)
 
@@ -295,5 +309,8 @@ class LoCoCoCompressor(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"M={c.num_slots}, H={c.num_heavy}, C={c.num_fused}, beta={c.beta}, k={c.kernel_size}, "
-                f"l={c.num_local}, model={self.geometry.model_type}")
+        if c.per_layer:
+            slots = f"M={min(c.num_slots)}..{max(c.num_slots)} (per layer, {sum(c.num_slots)} in all), rho={c.rho}"
+        else:
+            slots = f"M={c.num_slots}, H={c.num_heavy}, C={c.num_fused}"
+        return f"{slots}, beta={c.beta}, k={c.kernel_size}, l={c.num_local}, model={self.geometry.model_type}"

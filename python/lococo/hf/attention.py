@@ -159,21 +159,27 @@ def last_query_scores(query: torch.Tensor, key: torch.Tensor, attention_mask: to
 
 
 def _with_layer(module, query, key, value, attention_mask, dropout, scaling, plain, plain_scores):
-    """The attention of a call: biased when the layer that gave ``key`` has logits, else ``plain``."""
+    """The attention of a call: biased when the layer that gave ``key`` has logits, else ``plain``.
+
+    ``plain(mask)`` and ``plain_scores(mask)`` compute the backend's attention and scores under a mask:
+    the layer's own (``fit_mask``), since transformers built the one it passes for the first layer.
+    """
     layer, wants_scores = _claim(key)
+    if layer is not None:
+        attention_mask = layer.fit_mask(attention_mask, query.shape[2])
     last_query = wants_scores and getattr(layer, "scores_from_last_query", False)
     if last_query:
-        plain_scores = lambda: last_query_scores(query, key, attention_mask, scaling)  # noqa: E731
+        plain_scores = lambda mask: last_query_scores(query, key, mask, scaling)  # noqa: E731
     logit_bias = None if layer is None else getattr(layer, "logit_bias", None)
     if logit_bias is not None:
         output, weights, scores = biased_attention(module, query, key, value, attention_mask, logit_bias,
                                                    dropout, scaling)
         if wants_scores:
-            layer.record_scores(plain_scores() if last_query else scores)
+            layer.record_scores(plain_scores(attention_mask) if last_query else scores)
         return output, weights
-    output, weights = plain()
+    output, weights = plain(attention_mask)
     if wants_scores:
-        layer.record_scores(plain_scores())
+        layer.record_scores(plain_scores(attention_mask))
     return output, weights
 
 
@@ -184,9 +190,9 @@ def lococo_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
 
     return _with_layer(
         module, query, key, value, attention_mask, dropout, scaling,
-        lambda: sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                       scaling=scaling, **kwargs),
-        lambda: attention_scores(query, key, attention_mask, scaling))
+        lambda mask: sdpa_attention_forward(module, query, key, value, mask, dropout=dropout,
+                                            scaling=scaling, **kwargs),
+        lambda mask: attention_scores(query, key, mask, scaling))
 
 
 def lococo_eager_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -197,20 +203,20 @@ def lococo_eager_attention(module, query, key, value, attention_mask, dropout: f
     kv_len = key.shape[2]
     state = {}
 
-    def plain():
+    def plain(mask):
         groups = query.shape[1] // key.shape[1]
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         logits = torch.matmul(query, repeat_kv(key, groups).transpose(2, 3)) * scale
-        if attention_mask is not None:
-            logits = logits + attention_mask
+        if mask is not None:
+            logits = logits + mask
         probs = state["probs"] = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights = torch.nn.functional.dropout(probs.to(query.dtype), p=dropout, training=module.training)
         return torch.matmul(weights, repeat_kv(value, groups)).transpose(1, 2).contiguous(), weights
 
-    def scores_from_probs():
+    def scores_from_probs(mask):
         p = state["probs"].detach()
-        if attention_mask is not None:
-            live = _allowed_keys(attention_mask, query.shape[2], kv_len, query.device).any(-1, keepdim=True)
+        if mask is not None:
+            live = _allowed_keys(mask, query.shape[2], kv_len, query.device).any(-1, keepdim=True)
             p = p.masked_fill(~live, 0.0)
         b, num_heads, q_len, _ = p.shape
         return p.reshape(b, key.shape[1], num_heads // key.shape[1] * q_len, kv_len).sum(2)
@@ -221,6 +227,8 @@ def lococo_eager_attention(module, query, key, value, attention_mask, dropout: f
 # backend the model used -> scored implementation registered for it
 ATTENTION_NAMES = {"sdpa": "lococo_sdpa", "eager": "lococo_eager"}
 _FUNCTIONS = {"lococo_sdpa": lococo_sdpa_attention, "lococo_eager": lococo_eager_attention}
+# the implementations that give each fixed-slot layer a mask of its own length (per-layer budgets)
+FITS_MASKS = tuple(_FUNCTIONS)
 _registered = False
 
 

@@ -77,10 +77,11 @@ def _check_layers(model, support: ModelSupport, compressor: LoCoCoCompressor | N
     if support.sliding_window_attr and compressor is not None:
         window = getattr(config, support.sliding_window_attr, None)
         cfg = compressor.config
-        if window is not None and window <= cfg.num_slots + cfg.beta:
+        if window is not None and window <= cfg.max_slots + cfg.beta:
             raise ValueError(
                 f"{config.model_type} attends within a sliding window of {window} tokens, which must exceed "
-                f"M + beta = {cfg.num_slots + cfg.beta} so that every slot stays visible")
+                f"M + beta = {cfg.max_slots + cfg.beta} (the largest M of any layer) so that every slot stays "
+                "visible")
 
 
 def _decoder(model, support: ModelSupport) -> nn.Module:
@@ -120,6 +121,11 @@ def _before_forward(model, state: _PatchState, module, args, kwargs):
             cache = LoCoCoCache(state.compressor)
             kwargs[state.cache_kwarg] = cache
     if isinstance(cache, FixedSlotCache):
+        if len(set(cache.num_slots)) > 1 and model.config._attn_implementation not in attention.FITS_MASKS:
+            raise ValueError(
+                f"this cache has per-layer budgets, which need the lococo attention (it fits each layer's mask), but "
+                f"the model runs {model.config._attn_implementation!r}: call lococo.apply_lococo(model) without a "
+                "pure-convolution compressor, or model.set_attn_implementation('lococo_sdpa')")
         cache.set_input_padding(_argument(args, kwargs, "attention_mask"), _query_length(args, kwargs))
     return args, kwargs
 
@@ -196,7 +202,8 @@ def apply_lococo(model: nn.Module, compressor: LoCoCoCompressor | None = None) -
         remove_lococo(model)
 
     current = original = model.config._attn_implementation
-    needs_scores = compressor is None or compressor.needs_scores()
+    # per-layer budgets need the lococo attention too: it fits each layer's mask to its own length
+    needs_scores = compressor is None or compressor.needs_scores() or compressor.config.per_layer
     if needs_scores:
         attention.register_attention()
         target = attention.scored_name(current)

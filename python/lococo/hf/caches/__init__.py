@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from transformers.cache_utils import Cache, DynamicCache
 
+from ...budgets import per_layer_slots
 from ...compressor import LoCoCoCompressor, ModelGeometry
 from .baselines import H2OCache, StreamingLLMCache, TOVACache
 from .fixed_slot import FixedSlotCache, FixedSlotLayer, LoCoCoCache, LoCoCoLayer, kv_bytes
@@ -25,32 +26,43 @@ CACHE_KINDS = ("lococo", "h2o", "tova", "streaming", "full")
 
 
 def build_cache(kind: str, model: nn.Module | PreTrainedConfig, compressor: LoCoCoCompressor | None = None,
-                num_slots: int | None = None, beta: int | None = None, num_local: int | None = None) -> Cache:
+                num_slots=None, beta: int | None = None, num_local: int | None = None) -> Cache:
     """A fresh cache of one kind for ``model``: "lococo", "h2o", "tova", "streaming" or "full".
 
-    "lococo" needs ``compressor``. The baselines take ``num_slots``, ``beta`` and (H2O, TOVA) ``num_local``,
-    the recent entries always kept, from the arguments, else from ``compressor`` when given, else beta 16
-    and num_local 0: an H2O or TOVA cache built beside a compressor keeps as many recent entries as LoCoCo.
+    "lococo" needs ``compressor``, or a model that ``apply_lococo`` gave one. The baselines take
+    ``num_slots`` (one M for every layer, or per-layer budgets: a list, a ``lococo.Budgets``, a budget file
+    or a shipped budget name), ``beta`` and (H2O, TOVA) ``num_local``, the recent entries always kept, from
+    the arguments, else from ``compressor`` when given, else beta 16 and num_local 0: an H2O or TOVA cache
+    built beside a compressor keeps as many slots in each layer and as many recent entries as LoCoCo.
     """
     if kind not in CACHE_KINDS:
         raise ValueError(f"kind must be one of {CACHE_KINDS}, got {kind!r}")
     config = getattr(model, "config", model)
     if kind == "full":
         return DynamicCache(config=config)
+    if compressor is None and kind == "lococo":
+        state = getattr(model, "_lococo_state", None)  # lococo.apply_lococo(model, compressor)
+        compressor = None if state is None else state.compressor
     if kind == "lococo":
         if compressor is None:
-            raise ValueError("build_cache('lococo', ...) needs a compressor")
+            raise ValueError("build_cache('lococo', ...) needs a compressor, or a model that "
+                             "lococo.apply_lococo(model, compressor) prepared")
+        if num_slots is not None:
+            raise ValueError("build_cache('lococo', ...) takes its slots from the compressor; num_slots is for the "
+                             "baselines")
         compressor.check_model(config)
         return LoCoCoCache(compressor)
+    num_layers = ModelGeometry.of(config).num_layers
     if compressor is not None:
-        num_slots = compressor.config.num_slots if num_slots is None else num_slots
+        compressor.check_model(config)
+        num_slots = compressor.config.slots_per_layer(num_layers) if num_slots is None else num_slots
         beta = compressor.config.beta if beta is None else beta
         num_local = compressor.config.num_local if num_local is None else num_local
     if num_slots is None:
         raise ValueError(f"build_cache({kind!r}, ...) needs num_slots (or a compressor to take it from)")
+    num_slots = per_layer_slots(num_slots, num_layers)
     beta = 16 if beta is None else beta
     num_local = 0 if num_local is None else num_local
-    num_layers = ModelGeometry.of(config).num_layers
     if kind == "h2o":
         return H2OCache(num_layers, num_slots, beta, num_local)
     if kind == "tova":

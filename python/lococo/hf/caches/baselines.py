@@ -1,4 +1,4 @@
-"""Baseline fixed-slot caches at the same M as LoCoCo (docs/design.md#baseline-caches).
+"""Baseline fixed-slot caches at the same M as LoCoCo, or the same per-layer budgets (docs/design.md#baseline-caches).
 
 - H2O: same trigger and same scores as LoCoCo (latest attention call); keeps the top-M entries
   (ties to the lower index, NaN scores last), in cache order, nothing fused.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ...budgets import per_layer_slots
 from ...ops.reference import rank_order
 from .fixed_slot import FixedSlotCache, FixedSlotLayer
 
@@ -87,21 +88,28 @@ class StreamingLLMLayer(FixedSlotLayer):
 
 
 class H2OCache(FixedSlotCache):
-    """H2O at M slots per layer: needs the scores of ``lococo_sdpa``/``lococo_eager`` (apply_lococo)."""
+    """H2O: needs the scores of ``lococo_sdpa``/``lococo_eager`` (apply_lococo).
 
-    def __init__(self, num_layers: int, num_slots: int, beta: int = 16, num_local: int = 0):
-        super().__init__([H2OLayer(num_slots, beta, num_local) for _ in range(num_layers)])
+    ``num_slots``: one M for every layer, or per-layer budgets (a list, a ``lococo.Budgets`` or a budget file).
+    """
+
+    def __init__(self, num_layers: int, num_slots, beta: int = 16, num_local: int = 0):
+        super().__init__([H2OLayer(m, beta, num_local) for m in per_layer_slots(num_slots, num_layers)])
 
 
 class TOVACache(FixedSlotCache):
-    """TOVA at M slots per layer: needs the scores of ``lococo_sdpa``/``lococo_eager`` (apply_lococo)."""
+    """TOVA: needs the scores of ``lococo_sdpa``/``lococo_eager`` (apply_lococo); ``num_slots`` as ``H2OCache``."""
 
-    def __init__(self, num_layers: int, num_slots: int, beta: int = 16, num_local: int = 0):
-        super().__init__([TOVALayer(num_slots, beta, num_local) for _ in range(num_layers)])
+    def __init__(self, num_layers: int, num_slots, beta: int = 16, num_local: int = 0):
+        super().__init__([TOVALayer(m, beta, num_local) for m in per_layer_slots(num_slots, num_layers)])
 
 
 class StreamingLLMCache(FixedSlotCache):
-    """StreamingLLM at M slots per layer (attention sinks plus a recent window); any attention backend."""
+    """StreamingLLM (attention sinks plus a recent window); ``num_slots`` as ``H2OCache``.
 
-    def __init__(self, num_layers: int, num_slots: int, beta: int = 16, num_sink: int = 4):
-        super().__init__([StreamingLLMLayer(num_slots, beta, num_sink) for _ in range(num_layers)])
+    Any attention backend with one M for every layer; per-layer budgets need ``apply_lococo`` (the lococo
+    attention fits each layer's mask).
+    """
+
+    def __init__(self, num_layers: int, num_slots, beta: int = 16, num_sink: int = 4):
+        super().__init__([StreamingLLMLayer(m, beta, num_sink) for m in per_layer_slots(num_slots, num_layers)])

@@ -64,6 +64,8 @@ class FixedSlotLayer(DynamicLayer):
         # float32 [b, kv_heads, stored]: an attention logit per stored entry, or None for none at all
         self.logit_bias: torch.Tensor | None = None
         self.num_compressions = 0
+        # int64 [b]: valid entries among those stored before the latest call's new ones (fit_mask)
+        self.stored_valid: torch.Tensor | None = None
 
     # --- what subclasses implement -------------------------------------------------------------
     def compress(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,6 +111,7 @@ class FixedSlotLayer(DynamicLayer):
             self.valid_len = self.valid_len.clamp(max=self.num_slots)
             self.num_compressions += 1
         self.scores = None
+        self.stored_valid = self.valid_len
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         if self.logit_bias is not None:  # new entries: no logit
@@ -119,9 +122,46 @@ class FixedSlotLayer(DynamicLayer):
         # only the call before a compression needs scores (they are never accumulated): in decoding
         # that is one step in beta + 1, and the others skip the extra attention pass
         wants_scores = self.needs_scores and self._will_compress()
-        if wants_scores or self.logit_bias is not None:
-            attention.expect_scores(self, self.keys, scores=wants_scores)
+        # always announced: with per-layer budgets the mask transformers built fits another layer's length
+        attention.expect_scores(self, self.keys, scores=wants_scores)
         return self.keys, self.values
+
+    def fit_mask(self, attention_mask: torch.Tensor | None, query_length: int) -> torch.Tensor | None:
+        """The attention mask of this layer's latest call, from the one transformers built for another layer.
+
+        transformers builds one mask per forward from the first layer's ``get_mask_sizes``; with per-layer
+        budgets this layer may store another number of entries (docs/design.md#per-layer-budgets). The new
+        entries' columns (the last ``query_length``: causal, with their padding) are the same in every
+        layer; the stored columns are this layer's valid suffix, visible to every query. Returns the mask
+        unchanged when it already fits, and a mask of the same kind (boolean or additive) otherwise.
+        """
+        kv_len = self.stored_length
+        stored = kv_len - query_length
+        if attention_mask is not None and attention_mask.shape[-1] == kv_len:
+            return attention_mask
+        if attention_mask is None:
+            # transformers saw no padding in the first layer's columns (the new tokens among them), but this
+            # layer's stored entries may reach further back, into a row's padding
+            if stored == 0 or (query_length == 1 and bool((self.stored_valid == stored).all())):
+                return attention_mask
+            i = torch.arange(query_length, device=self.device).unsqueeze(-1)
+            causal = torch.arange(query_length, device=self.device) <= i
+            new = torch.zeros(causal.shape, dtype=self.dtype, device=self.device).masked_fill_(
+                ~causal, torch.finfo(self.dtype).min).view(1, 1, query_length, query_length)
+        elif attention_mask.shape[-1] < query_length:
+            raise ValueError(f"the attention mask covers {attention_mask.shape[-1]} keys, fewer than the "
+                             f"{query_length} new ones")
+        else:
+            new = attention_mask[..., -query_length:]
+        b = max(new.shape[0], self.stored_valid.shape[0])
+        seen = torch.arange(stored, device=self.device) >= (stored - self.stored_valid).unsqueeze(-1)  # [b, stored]
+        seen = seen.view(-1, 1, 1, stored).expand(b, new.shape[1], query_length, stored)
+        if new.dtype == torch.bool:
+            old = seen
+        else:
+            old = torch.zeros(seen.shape, dtype=new.dtype, device=new.device).masked_fill_(
+                ~seen, torch.finfo(new.dtype).min)
+        return torch.cat([old, new.expand(b, -1, -1, -1)], dim=-1)
 
     def record_scores(self, scores: torch.Tensor) -> None:
         """Called by the lococo attention functions with the scores [b, kv_heads, stored]."""
@@ -171,11 +211,14 @@ class FixedSlotLayer(DynamicLayer):
         self.scores = None
         self.logit_bias = None
         self.num_compressions = 0
+        self.stored_valid = None
 
     def _map_rows(self, fn) -> None:
         if not self.is_initialized:
             return
         self.keys, self.values, self.valid_len = fn(self.keys), fn(self.values), fn(self.valid_len)
+        if self.stored_valid is not None:
+            self.stored_valid = fn(self.stored_valid)
         if self.scores is not None:
             self.scores = fn(self.scores)
         if self.logit_bias is not None:
@@ -255,13 +298,26 @@ class FixedSlotCache(Cache):
 
     @property
     def num_compressions(self) -> int:
-        return self.layers[0].num_compressions
+        """The most compressions any layer has made (``compressions_per_layer`` has each layer's)."""
+        return max(self.compressions_per_layer)
+
+    @property
+    def compressions_per_layer(self) -> list[int]:
+        """Compressions each layer has made: with per-layer budgets, layers compress at their own times."""
+        return [layer.num_compressions for layer in self.layers]
+
+    @property
+    def num_slots(self) -> list[int]:
+        """M of each layer."""
+        return [layer.num_slots for layer in self.layers]
 
 
 class LoCoCoLayer(FixedSlotLayer):
     """A layer compressed by its ``LayerCompressor`` (``lococo.fuse_kv``)."""
 
     def __init__(self, compressor: LayerCompressor, config: LoCoCoConfig, needs_scores: bool = True):
+        if config.per_layer:
+            raise ValueError("LoCoCoLayer takes one layer's config: config.layer(i) of per-layer budgets")
         super().__init__(config.num_slots, config.beta)
         if compressor.num_fused != config.num_fused:
             raise ValueError(f"the layer compressor fuses {compressor.num_fused} slots, the config "
@@ -298,7 +354,7 @@ class LoCoCoLayer(FixedSlotLayer):
 
 
 class LoCoCoCache(FixedSlotCache):
-    """The LoCoCo cache: M slots per layer and KV head, learned convolution compression.
+    """The LoCoCo cache: M slots per layer and KV head (or the compressor's per-layer budgets), learned compression.
 
     Example::
 
@@ -310,6 +366,8 @@ class LoCoCoCache(FixedSlotCache):
         if not isinstance(compressor, LoCoCoCompressor):
             raise TypeError(f"LoCoCoCache takes a LoCoCoCompressor, got {type(compressor).__name__}")
         needs_scores = compressor.needs_scores()
-        super().__init__([LoCoCoLayer(layer, compressor.config, needs_scores) for layer in compressor.layers])
+        config = compressor.config
+        super().__init__([LoCoCoLayer(layer, config.layer(i), needs_scores)
+                          for i, layer in enumerate(compressor.layers)])
         self.compressor = compressor
         self.config = compressor.config

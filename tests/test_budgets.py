@@ -1,0 +1,220 @@
+"""Per-layer budgets: the config and file formats, the allocation, and generate() against the independent loop."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+from slot_loop import SlotLoop, greedy_decode, left_padded
+
+import lococo
+from lococo.budgets import Budgets, allocate, per_layer_slots, pyramid_slots
+from lococo.compressor import CONFIG_FILE
+from lococo.hf import get_output_cache
+
+from hf_models import cache_kw, random_ids, tiny_compressor, tiny_model
+
+# three layers with budgets far apart, so that every call sees three stored lengths
+BUDGETS = [12, 20, 7]
+BETA = 3
+
+
+def three_layer_model(attn: str, seed: int):
+    return tiny_model("llama", attn, seed=seed, num_hidden_layers=3)
+
+
+def generate(model, ids, **kwargs):
+    with torch.no_grad():
+        return model.generate(ids, return_dict_in_generate=True, **{"do_sample": False, **kwargs})
+
+
+# --- config and file formats ---------------------------------------------------------------------
+
+def test_config_per_layer_slots_and_layer_configs():
+    config = lococo.LoCoCoConfig(num_slots=[8, 16, 5], num_local=2, beta=3)
+    assert config.per_layer and config.max_slots == 16
+    assert [config.layer(i).num_slots for i in range(3)] == [8, 16, 5]
+    assert [config.layer(i).num_fused for i in range(3)] == [4, 8, 3]
+    assert config.layer(1).beta == 3 and not config.layer(1).per_layer
+    assert config.slots_per_layer(3) == [8, 16, 5]
+    with pytest.raises(ValueError, match="3 per-layer budgets for a model with 2"):
+        config.slots_per_layer(2)
+    with pytest.raises(ValueError, match="config.layer"):
+        _ = config.num_fused
+    assert lococo.LoCoCoConfig.from_dict(config.to_dict()) == config
+    assert lococo.LoCoCoConfig(num_slots=Budgets((8, 16, 5))).num_slots == (8, 16, 5)
+
+
+@pytest.mark.parametrize("slots, message", [
+    ([8, 0, 4], "layer 1 has 0"),
+    ([], "non-empty list"),
+    ([8, 2.5], "list of ints"),
+    ([8, 1], r"layer 1 \(M = 1\)"),            # rho 0.5 of M = 1 leaves num_local 1 no heavy slot
+])
+def test_config_rejects_bad_per_layer_slots(slots, message):
+    with pytest.raises(ValueError, match=message):
+        lococo.LoCoCoConfig(num_slots=slots, num_local=1)
+
+
+def test_per_layer_compressor_saves_as_format_2_and_format_1_still_loads(tmp_path):
+    model = three_layer_model("sdpa", seed=1)
+    compressor = tiny_compressor(model, num_slots=BUDGETS)
+    assert [layer.num_fused for layer in compressor.layers] == [6, 10, 4]
+    compressor.save_pretrained(tmp_path / "budgets")
+    meta = json.loads((tmp_path / "budgets" / CONFIG_FILE).read_text())
+    assert meta["format_version"] == 2 and meta["config"]["num_slots"] == BUDGETS
+    loaded = lococo.LoCoCoCompressor.from_pretrained(tmp_path / "budgets", model=model)
+    assert loaded.config == compressor.config
+    for a, b in zip(loaded.layers, compressor.layers):
+        assert torch.equal(a.weight, b.weight)
+
+    uniform = tiny_compressor(model)
+    uniform.save_pretrained(tmp_path / "v1")
+    meta = json.loads((tmp_path / "v1" / CONFIG_FILE).read_text())
+    meta["format_version"] = 1
+    (tmp_path / "v1" / CONFIG_FILE).write_text(json.dumps(meta))
+    assert lococo.LoCoCoCompressor.from_pretrained(tmp_path / "v1").config == uniform.config
+    meta["config"]["num_slots"] = BUDGETS
+    (tmp_path / "v1" / CONFIG_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="format_version 1 cannot hold"):
+        lococo.LoCoCoCompressor.from_pretrained(tmp_path / "v1")
+
+    meta["format_version"] = 2
+    meta["config"]["num_slots"] = [12, 20]
+    (tmp_path / "v1" / CONFIG_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="2 per-layer budgets for a model with 3"):
+        lococo.LoCoCoCompressor.from_pretrained(tmp_path / "v1")
+
+
+def test_budget_file_round_trip_and_errors(tmp_path):
+    budgets = Budgets((12, 20, 7), source="calibrated", details={"grid": [4, 8]})
+    file = budgets.save(tmp_path / "b.json")
+    assert Budgets.load(file) == budgets and Budgets.load(file).details == {"grid": [4, 8]}
+    assert per_layer_slots(str(file), 3) == [12, 20, 7]
+    with pytest.raises(ValueError, match="3 per-layer budgets; the model has 2"):
+        per_layer_slots(file, 2)
+    data = json.loads(file.read_text())
+    for field, value, message in (("num_slots", [12, -1, 7], r"num_slots\[1\]"), ("total", 40, "not the sum"),
+                                  ("format", "x", "not a lococo budget file"),
+                                  ("format_version", 9, "format_version 9")):
+        (tmp_path / "bad.json").write_text(json.dumps({**data, field: value}))
+        with pytest.raises(ValueError, match=message) as info:
+            Budgets.load(tmp_path / "bad.json")
+        assert "bad.json" in str(info.value)
+    with pytest.raises(FileNotFoundError, match="no shipped budgets of that name"):
+        Budgets.load("no-such-budgets")
+    with pytest.raises(ValueError, match=r"num_slots\[0\]"):
+        per_layer_slots([0, 4, 4], 3)
+
+
+# --- allocation ----------------------------------------------------------------------------------
+
+def test_allocate_spends_the_total_where_the_error_falls_most():
+    grid = [2, 4, 8, 16]
+    errors = [[1.0, 0.5, 0.25, 0.125],     # halves with every doubling
+              [0.1, 0.09, 0.08, 0.07],     # nearly flat
+              [4.0, 1.0, 0.2, 0.1]]        # steep
+    total, floor = 24, 2
+    slots = allocate(grid, errors, total, floor)
+    assert sum(slots) == total and min(slots) >= floor
+
+    def at(curve, m):  # linear between grid points
+        j = max(i for i in range(len(grid) - 1) if grid[i] <= m)
+        return curve[j] + (curve[j + 1] - curve[j]) * (m - grid[j]) / (grid[j + 1] - grid[j])
+
+    def loss(alloc):
+        return sum(at(curve, m) for curve, m in zip(errors, alloc))
+
+    # the curves are convex: greedy by marginal gain is the optimum among all allocations
+    best = min((a for a in itertools.product(range(floor, 17), repeat=3) if sum(a) == total), key=loss)
+    assert loss(slots) == pytest.approx(loss(best))
+    assert slots[1] == floor   # the flat layer keeps the floor
+    with pytest.raises(ValueError, match="outside"):
+        allocate(grid, errors, 100, floor)
+
+
+def test_pyramid_shape_keeps_the_mean():
+    slots = pyramid_slots(30, 128, floor=16)
+    assert sum(slots) == 30 * 128 and slots == sorted(slots, reverse=True)
+    assert slots[-1] >= 16 and slots[0] > 2 * 128 - 20
+
+
+# --- generate() against the independent loop -----------------------------------------------------
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("kind", ["lococo", "h2o", "tova", "streaming"])
+def test_generate_with_per_layer_budgets_matches_the_loop(attn, kind):
+    """A left-padded batch, chunked prefill, greedy decoding, three layers with three budgets."""
+    model = three_layer_model(attn, seed=40)
+    lengths = [40, 31, 9]
+    ids, mask = left_padded(random_ids(len(lengths), max(lengths), seed=41), lengths)
+    compressor = tiny_compressor(model, seed=42, num_slots=BUDGETS, beta=BETA, num_local=2)
+    lococo.apply_lococo(model, compressor if kind == "lococo" else None)
+    if kind == "lococo":
+        cache, loop = lococo.LoCoCoCache(compressor), SlotLoop(model, "lococo", BUDGETS, BETA, compressor=compressor)
+    else:
+        cache = lococo.build_cache(kind, model, num_slots=BUDGETS, beta=BETA, num_local=2)
+        loop = SlotLoop(model, kind, BUDGETS, BETA, num_local=2)
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=25, prefill_chunk_size=16,
+                   **cache_kw(model, cache))
+    assert cache.stored_lengths != [cache.stored_lengths[0]] * 3, "the layers must store different lengths"
+    assert min(cache.compressions_per_layer) >= 2
+    assert torch.equal(out.sequences, greedy_decode(loop, ids, mask, 25, chunk=16))
+    assert loop.compressions == cache.compressions_per_layer
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_sampling_beams_and_multi_turn_with_budgets(attn):
+    model = three_layer_model(attn, seed=43)
+    compressor = tiny_compressor(model, seed=44, num_slots=BUDGETS, beta=BETA)
+    lococo.apply_lococo(model, compressor)
+    ids = random_ids(2, 30, seed=45)
+    # beams: every row's beams equal the row searched alone
+    beams = dict(num_beams=3, num_return_sequences=3, max_new_tokens=20)
+    together = generate(model, ids, **beams).sequences
+    for row in range(2):
+        assert torch.equal(together[3 * row:3 * row + 3], generate(model, ids[row:row + 1], **beams).sequences)
+    # sampling: top-1 sampling is greedy, and a seed repeats a sample
+    greedy = generate(model, ids, max_new_tokens=20).sequences
+    assert torch.equal(generate(model, ids, do_sample=True, top_k=1, max_new_tokens=20).sequences, greedy)
+    samples = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        samples.append(generate(model, ids, do_sample=True, temperature=1.5, max_new_tokens=20).sequences)
+    assert torch.equal(*samples)
+    # multi-turn: the reused cache equals the loop fed the same pieces
+    first = ids[:1]
+    turn1 = generate(model, first, max_new_tokens=15)
+    cache = get_output_cache(turn1)
+    follow_up = torch.cat([turn1.sequences, random_ids(1, 9, seed=46)], 1)
+    turn2 = generate(model, follow_up, max_new_tokens=15, **cache_kw(model, cache))
+    loop = SlotLoop(model, "lococo", BUDGETS, BETA, compressor=compressor)
+    assert torch.equal(turn1.sequences, greedy_decode(loop, first, torch.ones_like(first), 15))
+    seen = turn1.sequences.shape[1] - 1
+    assert torch.equal(turn2.sequences, greedy_decode(loop, follow_up, torch.ones_like(follow_up), 15, fed=seen))
+    assert len(set(cache.stored_lengths)) > 1
+
+
+def test_budgets_refuse_attention_that_cannot_fit_masks():
+    model = three_layer_model("sdpa", seed=47)
+    cache = lococo.StreamingLLMCache(3, BUDGETS, beta=BETA)
+    lococo.apply_lococo(model, tiny_compressor(model, num_slots=12, rho=1.0, alpha_init=1.0))  # pure convolution
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="per-layer budgets"):
+        generate(model, random_ids(1, 40, seed=48), max_new_tokens=5, **cache_kw(model, cache))
+
+
+def test_build_cache_takes_budgets_in_every_form(tmp_path):
+    model = three_layer_model("sdpa", seed=49)
+    file = Budgets(tuple(BUDGETS)).save(tmp_path / "b.json")
+    for spec in (BUDGETS, Budgets(tuple(BUDGETS)), str(file), file):
+        for kind in ("h2o", "tova", "streaming"):
+            assert lococo.build_cache(kind, model, num_slots=spec).num_slots == BUDGETS
+    compressor = tiny_compressor(model, num_slots=BUDGETS)
+    assert lococo.build_cache("h2o", model, compressor).num_slots == BUDGETS
+    lococo.apply_lococo(model, compressor)
+    assert lococo.build_cache("lococo", model).compressor is compressor
+    with pytest.raises(ValueError, match="3 per-layer budgets; the model has 2"):
+        lococo.build_cache("h2o", tiny_model("llama"), num_slots=file)
