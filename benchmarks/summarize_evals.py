@@ -13,9 +13,14 @@ among the H2O, TOVA and StreamingLLM rows at that M, and the share of the gap th
 
 (1 is the full cache's quality, 0 the baseline's, negative is worse than the baseline).
 
+Rows with per-layer budgets (`lococo eval --budgets`, or a compressor with budgets) are told apart
+by their budgets; for each of them, the share of the gap between the uniform H2O row at the same M
+and recent window and the full cache that they close is tabled too.
+
 The last table and --plot give the perplexity over a span of positions (by default 2K-8K,
-merged from its buckets by their NLL and token counts) against M, one column (line) per method,
-with the full cache as a horizontal line.
+merged from its buckets by their NLL and token counts) against memory: the bytes of the compressed
+slots of all layers (the entries appended since the last compression come on top, the same for all
+methods), one column (line) per method and budgets, with the full cache as a horizontal line.
 
     python benchmarks/summarize_evals.py RUN [RUN ...] --output summary.md [--plot quality_vs_memory.png]
 """
@@ -29,19 +34,36 @@ import math
 import sys
 from pathlib import Path
 
-from lococo.recipes.evaluate import METHODS, bucket_label, method_label as label
+from lococo.recipes.evaluate import bucket_label
+from lococo.recipes.methods import METHODS, method_label
 
 BASELINES = ("h2o", "tova", "streaming")
 
 
-def read_run(folder: Path) -> tuple[dict, dict]:
-    """(what the run evaluated: documents, range, buckets), {(method, M, num_local): {bucket: (nll, tokens)}}."""
+def label(method: str, local: int, budgets: str = "") -> str:
+    return method_label(method, local, budgets or None)
+
+
+def read_run(folder: Path) -> tuple[dict, dict, dict]:
+    """(what the run evaluated: documents, range, buckets), {(method, M, num_local, budgets): {bucket: (nll, tokens)}},
+    and {that key: bytes of the compressed slots of all layers}."""
     meta = json.loads((folder / "eval_meta.json").read_text())
     args = meta["args"]
     scope = {"documents": meta["documents"], "start_token": args["start_token"], "max_tokens": args["max_tokens"],
              "buckets": args["buckets"], "chunk_size": args["chunk_size"], "beta": args["beta"]}
     with open(folder / "methods.csv") as handle:
-        local = {row["method"]: int(row.get("num_local") or 0) for row in csv.DictReader(handle)}
+        methods = {row["method"]: row for row in csv.DictReader(handle)}
+    local = {method: int(row.get("num_local") or 0) for method, row in methods.items()}
+    budgets = {method: row.get("budgets") or "" for method, row in methods.items()}
+    memory = {}
+    for method, row in methods.items():
+        if not row["num_slots"]:
+            continue
+        key = (method, int(row["num_slots"]), local[method], budgets[method])
+        if row.get("slot_kv_bytes"):
+            memory[key] = int(row["slot_kv_bytes"])
+        elif row.get("peak_kv_bytes"):  # runs before the column: the peak holds M + beta + B entries per layer
+            memory[key] = int(row["peak_kv_bytes"]) * int(row["num_slots"]) // int(row["peak_entries_per_layer"])
     results: dict = {}
     scope["names"] = []
     with open(folder / "ppl_by_position.csv") as handle:
@@ -49,16 +71,18 @@ def read_run(folder: Path) -> tuple[dict, dict]:
             if row["bucket"] != "all" and row["bucket"] not in scope["names"]:
                 scope["names"].append(row["bucket"])
             method = row["method"]
-            key = (method, int(row["num_slots"]) if row["num_slots"] else None, local.get(method, 0))
+            key = (method, int(row["num_slots"]) if row["num_slots"] else None, local.get(method, 0),
+                   budgets.get(method, ""))
             if row["nll"]:
                 results.setdefault(key, {})[row["bucket"]] = (float(row["nll"]), int(row["tokens"]))
-    return scope, results
+    return scope, results, memory
 
 
-def merge(folders: list[Path]) -> tuple[dict, dict]:
-    scope, merged = None, {}
+def merge(folders: list[Path]) -> tuple[dict, dict, dict]:
+    scope, merged, memory = None, {}, {}
     for folder in folders:
-        run_scope, results = read_run(folder)
+        run_scope, results, run_memory = read_run(folder)
+        memory.update(run_memory)
         if scope is None:
             scope = run_scope
         for name, value in run_scope.items():
@@ -67,9 +91,9 @@ def merge(folders: list[Path]) -> tuple[dict, dict]:
                          "text or settings cannot share a table")
         for key, buckets in results.items():
             if key in merged and any(abs(merged[key][b][0] - nll) > 1e-4 for b, (nll, _) in buckets.items()):
-                sys.exit(f"summarize_evals: {label(key[0], key[2])} at M = {key[1]} differs between runs")
+                sys.exit(f"summarize_evals: {label(key[0], key[2], key[3])} at M = {key[1]} differs between runs")
             merged.setdefault(key, {}).update(buckets)
-    return scope, merged
+    return scope, merged, memory
 
 
 def ppl(buckets: dict, names: list[str]) -> float | None:
@@ -81,8 +105,8 @@ def ppl(buckets: dict, names: list[str]) -> float | None:
 
 
 def order(key) -> tuple:
-    method, slots, local = key
-    return (slots or 0, METHODS.index(method), local)
+    method, slots, local, budgets = key
+    return (slots or 0, METHODS.index(method), local, budgets)
 
 
 def span_names(scope: dict, span: tuple[int, int]) -> list[str]:
@@ -94,74 +118,101 @@ def span_names(scope: dict, span: tuple[int, int]) -> list[str]:
     return names
 
 
-def against_memory(scope: dict, merged: dict, span: tuple[int, int]) -> str:
-    """The plot's numbers: perplexity over the span, one row per M, one column per method."""
+def against_memory(scope: dict, merged: dict, memory: dict, span: tuple[int, int]) -> str:
+    """The plot's numbers: perplexity over the span and the slots' memory, one row per M, one column per method."""
     names = span_names(scope, span)
-    methods = sorted({(k[0], k[2]) for k in merged if k[0] != "full"}, key=lambda m: (METHODS.index(m[0]), m[1]))
+    methods = sorted({(k[0], k[2], k[3]) for k in merged if k[0] != "full"},
+                     key=lambda m: (METHODS.index(m[0]), m[1], m[2]))
     full = next((ppl(v, names) for k, v in merged.items() if k[0] == "full"), None)
-    lines = [f"Perplexity over tokens {bucket_label(*span)} against M:", "",
+    lines = [f"Perplexity over tokens {bucket_label(*span)} against M (and the compressed slots' KV MiB):", "",
              "| M | full cache | " + " | ".join(label(*m) for m in methods) + " |",
              "|---:|---:|" + "---:|" * len(methods)]
     for slots in sorted({k[1] for k in merged if k[1] is not None}):
-        cells = [ppl(merged[(m, slots, local)], names) if (m, slots, local) in merged else None
-                 for m, local in methods]
-        lines.append(f"| {slots} | {'-' if full is None else f'{full:.2f}'} | "
-                     + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + " |")
+        cells = []
+        for m, local, budgets in methods:
+            key = (m, slots, local, budgets)
+            value = ppl(merged[key], names) if key in merged else None
+            cells.append("-" if value is None else f"{value:.2f}" + (f" ({memory[key] / 2**20:.2f})" if key in memory
+                                                                      else ""))
+        lines.append(f"| {slots} | {'-' if full is None else f'{full:.2f}'} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def tables(scope: dict, merged: dict, span: tuple[int, int] = (2048, 8192)) -> str:
+def gap_shares(names: list[str], merged: dict) -> list[str]:
+    """For every row with per-layer budgets: the share of the gap between uniform H2O and the full cache it closes."""
+    full = next((v for k, v in merged.items() if k[0] == "full"), None)
+    lines = []
+    for key in sorted((k for k in merged if k[3] and k[0] != "full"), key=order):
+        uniform = next((k for k in merged if k[0] == "h2o" and k[1] == key[1] and not k[3]
+                        and k[2] == (key[2] if key[0] in ("h2o", "tova") else k[2])), None)
+        if full is None or uniform is None:
+            continue
+        shares = []
+        for name in names:
+            f, b, x = ppl(full, [name]), ppl(merged[uniform], [name]), ppl(merged[key], [name])
+            shares.append("-" if None in (f, b, x) or b == f else f"{100 * (b - x) / (b - f):.0f}%")
+        lines.append(f"| {label(*(key[0], key[2], key[3]))} | {key[1]} | " + " | ".join(shares) + " |")
+    if not lines:
+        return []
+    return ["", "Share of the gap between uniform H2O (same M and recent window) and the full cache that each run with "
+            "per-layer budgets closes:", "", "| method | M | " + " | ".join(names) + " |",
+            "|---|---:|" + "---:|" * len(names), *lines]
+
+
+def tables(scope: dict, merged: dict, memory: dict, span: tuple[int, int] = (2048, 8192)) -> str:
     names = scope["names"]
     lines = [f"{len(scope['documents'])} documents, tokens {scope['start_token']}-"
              f"{scope['start_token'] + scope['max_tokens']}, B = {scope['chunk_size']}, beta = {scope['beta']}", "",
              "| method | M | " + " | ".join(names) + " | all |", "|---|---:|" + "---:|" * (len(names) + 1)]
     for key in sorted(merged, key=order):
         cells = [ppl(merged[key], [n]) for n in names] + [ppl(merged[key], names)]
-        lines.append(f"| {label(key[0], key[2])} | {key[1] or 'all'} | "
+        lines.append(f"| {label(key[0], key[2], key[3])} | {key[1] or 'all'} | "
                      + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + " |")
     full = next((v for k, v in merged.items() if k[0] == "full"), None)
     for key in sorted((k for k in merged if k[0] == "lococo"), key=order):
-        rivals = {k: v for k, v in merged.items() if k[0] in BASELINES and k[1] == key[1]}
+        rivals = {k: v for k, v in merged.items() if k[0] in BASELINES and k[1] == key[1] and k[3] == key[3]}
         if full is None or not rivals:
             continue
-        lines += ["", f"Share of the gap between the better baseline and the full cache that LoCoCo closes, "
-                      f"M = {key[1]}:", "", "| bucket | full | LoCoCo | better baseline | share |",
-                  "|---|---:|---:|---|---:|"]
+        lines += ["", f"Share of the gap between the better baseline (same budgets) and the full cache that "
+                      f"{label(key[0], key[2], key[3])} closes, M = {key[1]}:", "",
+                  "| bucket | full | LoCoCo | better baseline | share |", "|---|---:|---:|---|---:|"]
         for name in names:
             best_key = min(rivals, key=lambda k: ppl(rivals[k], [name]) or math.inf)
             f, lo, b = ppl(full, [name]), ppl(merged[key], [name]), ppl(rivals[best_key], [name])
             if None in (f, lo, b):
                 continue
             share = (b - lo) / (b - f) if b != f else math.nan
-            lines.append(f"| {name} | {f:.2f} | {lo:.2f} | {label(best_key[0], best_key[2])} {b:.2f} | "
+            lines.append(f"| {name} | {f:.2f} | {lo:.2f} | {label(best_key[0], best_key[2], best_key[3])} {b:.2f} | "
                          f"{100 * share:.0f}% |")
-    return "\n".join(lines) + "\n\n" + against_memory(scope, merged, span)
+    lines += gap_shares(names, merged)
+    return "\n".join(lines) + "\n\n" + against_memory(scope, merged, memory, span)
 
 
-def plot(scope: dict, merged: dict, path: Path, span: tuple[int, int]) -> None:
+def plot(scope: dict, merged: dict, memory: dict, path: Path, span: tuple[int, int]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = span_names(scope, span)
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
     lines: dict = {}
     for key in sorted(merged, key=order):
         value = ppl(merged[key], names)
         if key[0] == "full" and value is not None:
             ax.axhline(value, color="black", linestyle="--", label=f"full cache ({value:.2f})")
-        elif value is not None:
-            lines.setdefault((key[0], key[2]), []).append((key[1], value))
-    for (method, local), points in lines.items():
+        elif value is not None and key in memory:
+            lines.setdefault((key[0], key[2], key[3]), []).append((memory[key] / 2**20, value))
+    for (method, local, budgets), points in lines.items():
         points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label(method, local))
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label(method, local, budgets),
+                linestyle="-" if not budgets else "--")
     ax.set_xscale("log", base=2)
-    ax.set(xlabel="M, slots per layer and KV head (KV memory grows with M)",
+    ax.set(xlabel="KV MiB of the compressed slots, all layers (the dtype of the run)",
            ylabel=f"perplexity, tokens {bucket_label(*span)}",
            title=f"quality against memory ({len(scope['documents'])} documents)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -179,13 +230,13 @@ def main(argv=None) -> int:
     for folder in args.runs:
         if not (folder / "eval_meta.json").is_file():
             parser.error(f"{folder}: not a lococo eval output folder (no eval_meta.json)")
-    scope, merged = merge(args.runs)
-    text = tables(scope, merged, tuple(args.span))
+    scope, merged, memory = merge(args.runs)
+    text = tables(scope, merged, memory, tuple(args.span))
     if args.output:
         args.output.write_text(text)
     print(text, end="")
     if args.plot:
-        plot(scope, merged, args.plot, tuple(args.span))
+        plot(scope, merged, memory, args.plot, tuple(args.span))
     return 0
 
 

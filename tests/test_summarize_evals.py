@@ -18,8 +18,11 @@ spec.loader.exec_module(summarize)
 BUCKETS = {"0-1K": (0, 1024), "1K-2K": (1024, 2048)}
 
 
-def write_run(folder: Path, ppl: dict, docs=("a", "b"), num_local=None) -> Path:
-    """An eval folder with the given perplexity per (method, M) and bucket, 100 tokens per bucket."""
+def write_run(folder: Path, ppl: dict, docs=("a", "b"), num_local=None, budgets=None) -> Path:
+    """An eval folder with the given perplexity per (method, M) and bucket, 100 tokens per bucket.
+
+    The compressed slots take 1 KiB per M; ``budgets`` names the per-layer budgets of a method.
+    """
     folder.mkdir()
     meta = {"args": {"start_token": 0, "max_tokens": 2048, "buckets": [0, 1024, 2048], "chunk_size": 128,
                      "beta": 16}, "documents": list(docs)}
@@ -32,9 +35,10 @@ def write_run(folder: Path, ppl: dict, docs=("a", "b"), num_local=None) -> Path:
                 writer.writerow([method, slots or "", bucket, *BUCKETS[bucket], 100, math.log(value), value])
     with open(folder / "methods.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["method", "num_slots", "num_local"])
+        writer.writerow(["method", "num_slots", "num_local", "budgets", "slot_kv_bytes"])
         for method, slots in ppl:
-            writer.writerow([method, slots or "", (num_local or {}).get(method, 0)])
+            writer.writerow([method, slots or "", (num_local or {}).get(method, 0), (budgets or {}).get(method, ""),
+                             1024 * slots if slots else ""])
     return folder
 
 
@@ -50,9 +54,9 @@ def test_runs_merge_and_the_share_is_against_the_better_baseline(tmp_path, capsy
     assert "| H2O (8 recent) | 64 | 20.00 | 14.00 | 16.73 |" in out
     assert "| 0-1K | 10.00 | 13.00 | StreamingLLM 16.00 | 50% |" in out
     assert "| 1K-2K | 10.00 | 15.00 | TOVA (8 recent) 13.00 | -67% |" in out
-    against_memory = out.split("Perplexity over tokens 0-2K against M:")[1]   # the plot's numbers
+    against_memory = out.split("Perplexity over tokens 0-2K against M")[1]   # the plot's numbers
     assert "| M | full cache | LoCoCo | H2O (8 recent) | TOVA (8 recent) | StreamingLLM |" in against_memory
-    assert "| 64 | 10.00 | 13.96 | 16.73 | 14.87 | 16.97 |" in against_memory
+    assert "| 64 | 10.00 | 13.96 (0.06) | 16.73 (0.06) | 14.87 (0.06) | 16.97 (0.06) |" in against_memory
     assert (tmp_path / "q.png").stat().st_size > 0
 
 
@@ -68,3 +72,20 @@ def test_one_method_with_two_results_is_refused(tmp_path):
     two = write_run(tmp_path / "two", {("h2o", 64): {"0-1K": 13}})
     with pytest.raises(SystemExit, match="differs between runs"):
         summarize.main([str(one), str(two)])
+
+
+def test_budgets_rows_are_apart_and_their_share_is_against_uniform_h2o(tmp_path, capsys):
+    uniform = write_run(tmp_path / "uniform", {("full", None): {"0-1K": 10, "1K-2K": 10},
+                                               ("h2o", 64): {"0-1K": 20, "1K-2K": 14}}, num_local={"h2o": 8})
+    calibrated = write_run(tmp_path / "calibrated", {("h2o", 64): {"0-1K": 18, "1K-2K": 13},
+                                                     ("lococo", 64): {"0-1K": 16, "1K-2K": 13.5}},
+                           num_local={"h2o": 8, "lococo": 8}, budgets={"h2o": "calibrated", "lococo": "calibrated"})
+    assert summarize.main([str(uniform), str(calibrated), "--span", "0", "2048"]) == 0
+    out = capsys.readouterr().out
+    assert "| H2O (8 recent) | 64 | 20.00 | 14.00 |" in out
+    assert "| H2O (8 recent, calibrated budgets) | 64 | 18.00 | 13.00 |" in out
+    # LoCoCo's better baseline is the one with its budgets
+    assert "| 0-1K | 10.00 | 16.00 | H2O (8 recent, calibrated budgets) 18.00 | 25% |" in out
+    shares = out.split("per-layer budgets closes:")[1]
+    assert "| H2O (8 recent, calibrated budgets) | 64 | 20% | 25% |" in shares
+    assert "| LoCoCo (calibrated budgets) | 64 | 40% | 12% |" in shares
