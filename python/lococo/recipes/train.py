@@ -18,9 +18,10 @@ trained (LoRA merged), `log.jsonl` and `log.csv` (loss, learning rates, per-laye
 `loss.png`, `train_args.json`, and `checkpoints/step-N/` (trainable weights, optimizer,
 scheduler, data position, RNG) from which a run started with the same --output resumes.
 
-One run per folder (see ``lococo.recipes.run_folder``): a resume with other arguments that
-matter is refused, naming them, unless --resume-with-changes; --no-resume into a folder that
-holds a run, and a new run over a compressor no run wrote, need --overwrite. Checkpoints load
+One run per folder, held by one process at a time (see ``lococo.recipes.run_folder``): a resume
+with other arguments that matter is refused, naming them, unless --resume-with-changes;
+--no-resume into a folder that holds a run, and a new run over a compressor no run wrote, need
+--overwrite, which deletes only what a run writes. Checkpoints are written atomically and load
 with torch.load(weights_only=True): a run folder runs no code. Every number is checked before
 the model loads.
 """
@@ -28,6 +29,7 @@ the model loads.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -43,7 +45,6 @@ from . import run_folder
 from .argtypes import (
     UsageError,
     add_assets_dir,
-    check_writable,
     finite_real,
     fraction,
     int_at_least,
@@ -54,6 +55,14 @@ from .argtypes import (
 )
 
 DEFAULT_LR = {"compressor": 5e-2, "embed_norm": 2.5e-4, "lora": 5e-5}
+
+# Arguments that decide the trainable tensors, their shapes or their optimizer groups: a
+# checkpoint trained with other values cannot be loaded.
+FROZEN = ("model", "dtype", "num_slots", "rho", "kernel_size", "lora", "lora_rank", "train_embed_norm")
+# Arguments that change what the rest of the run does; a resume may change them only when asked.
+RESUMABLE_CHANGES = ("docs", "split_file", "max_docs", "chunk_size", "beta", "num_local", "alpha_init",
+                     "init_std", "chunks_per_seq", "steps", "batch_size", "grad_accum", "lr", "lr_embed_norm",
+                     "lr_lora", "rope_scaling", "max_grad_norm", "seed", "world_size")
 
 
 def add_model_and_compressor_arguments(parser: argparse.ArgumentParser, *, dtype_help: str, compressor_group: str,
@@ -69,6 +78,8 @@ def add_model_and_compressor_arguments(parser: argparse.ArgumentParser, *, dtype
     data.add_argument("--split-file", default=None, help="a splits.json (default: the packaged one)")
     data.add_argument("--max-docs", type=positive_int, default=None, help="use only the first N documents")
     data.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help=dtype_help)
+    data.add_argument("--skip-damaged", action="store_true",
+                      help="leave out fetched documents that fail their checksum, with a warning (default: refuse)")
 
     lococo = parser.add_argument_group(compressor_group)
     lococo.add_argument("--num-slots", "-M", type=positive_int, default=128, help="M")
@@ -111,8 +122,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     out = parser.add_argument_group("logging and checkpoints (one run per --output folder)")
     out.add_argument("--save-every", type=positive_int, default=50, help="checkpoint every N updates")
-    out.add_argument("--keep-checkpoints", type=non_negative_int, default=2,
-                     help="keep the newest N checkpoints (0: all)")
     run_folder.add_arguments(out)
     out.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
@@ -181,19 +190,20 @@ def training_documents(args, tokenizer) -> tuple[list[tuple[str, int]], object]:
 
     Every document of the split is looked up before training starts: one missing from the
     fetched packages (or changed since the split was made) is left out with a warning, so that
-    no run stops half way, or again at the same place when it resumes.
+    no run stops half way, or again at the same place when it resumes. One whose fetched file is
+    damaged is refused, or left out too with --skip-damaged. Files of --docs must be text.
     """
     from . import assets
 
     if args.docs:
-        texts = {path: Path(path).read_text(encoding="utf-8", errors="replace")
-                 for path in args.docs}
+        texts = {path: assets.read_text_file(path) for path in args.docs}
         docs = [(path, len(tokenizer(text, add_special_tokens=False).input_ids))
                 for path, text in texts.items()]
         return docs[:args.max_docs], texts.__getitem__
     split = assets.load_split(args.split_file)
     wanted = list(split.train[:args.max_docs])
     problems = assets.check_documents(wanted, args.assets_dir)
+    assets.refuse_damaged(problems, args.assets_dir, skip=getattr(args, "skip_damaged", None))
     usable = [doc for doc in wanted if doc.id not in problems]
     if not usable:
         raise assets.AssetMissingError("The training text", assets.cache_dir(args.assets_dir), "train-text")
@@ -355,6 +365,61 @@ def load_trainable_state(model, compressor, state: dict) -> None:
                 own[key[len("model."):]].copy_(value)
 
 
+def rng_state() -> dict:
+    import torch
+
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def restore_rng(rng: dict) -> None:
+    import torch
+
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in rng["python"]))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+STATE_FILE, CHECKPOINT_ARGS_FILE = "state.pt", "run_args.json"
+
+
+def save_checkpoint_files(folder: Path, state: dict) -> None:
+    """A checkpoint: ``state.pt`` (weights, optimizer, scheduler, position, RNG: tensors and numbers) and the
+    arguments that matter (``run_args.json``)."""
+    import torch
+
+    torch.save({k: v for k, v in state.items() if k != "args"}, folder / STATE_FILE)
+    (folder / CHECKPOINT_ARGS_FILE).write_text(json.dumps(state["args"], indent=1) + "\n")
+
+
+def load_checkpoint_files(folder: Path) -> run_folder.Checkpoint:
+    """A checkpoint's state, every field checked (DamagedFile naming the file and the field)."""
+    import torch
+
+    path = folder / STATE_FILE
+    state = run_folder.load_tensors(path)
+    step = run_folder.get_count(path, state, "step")
+    run_folder.get_count(path, state, "sequences")
+    run_folder.get(path, state, "trainable", dict, lambda d: all(isinstance(v, torch.Tensor) for v in d.values()),
+                   "a mapping of names to tensors")
+    run_folder.get(path, state, "optimizer", dict, lambda d: {"state", "param_groups"} <= d.keys(),
+                   "an optimizer state (state, param_groups)")
+    run_folder.get(path, state, "scheduler", dict)
+    rng = run_folder.get(path, state, "rng", dict, lambda d: {"python", "torch", "cuda"} <= d.keys(),
+                         "the random states (python, torch, cuda)")
+    run_folder.get(path, rng, "python", (list, tuple), lambda v: len(v) == 3, "python's random state")
+    run_folder.get(path, rng, "torch", torch.Tensor, lambda t: t.dtype == torch.uint8, "a uint8 tensor")
+    args_path = folder / CHECKPOINT_ARGS_FILE
+    return run_folder.Checkpoint(step, run_folder.read_json(args_path) if args_path.exists() else None, state)
+
+
+TRAIN = run_folder.Recipe(
+    unit="update", log_key="step", total="steps", prefix="step", frozen=FROZEN, resumable=RESUMABLE_CHANGES,
+    files=(STATE_FILE, CHECKPOINT_ARGS_FILE), save=save_checkpoint_files, load=load_checkpoint_files,
+    outputs=lambda record: ("model",) if record.get("lora") or record.get("train_embed_norm") else ())
+
+
 def save_with_alpha_panel(fig, ax, xs: list, rows: list[dict], xlabel: str, path: Path) -> None:
     """Draws every layer's alpha against ``xs`` on ``ax`` (dark = first layer), then saves ``fig``."""
     import matplotlib.pyplot as plt
@@ -447,18 +512,24 @@ def apply_learning_rates(optimizer, scheduler, base_lrs: list[float], step: int,
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
-def set_up(args) -> Session:
-    """Checks the run folder, then builds the session and (when resuming) restores the checkpoint."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def make_accelerator():
     from accelerate import Accelerator, DistributedDataParallelKwargs
-    from accelerate.utils import set_seed
 
     # Several backward calls per sequence, and the first chunks of a sequence do not reach the
     # compressor (nothing to compress yet): DDP must accept parameters without gradients.
-    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-    plan = run_folder.open_run(args, accelerator.num_processes)
+    return Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+
+def set_up(args, accelerator) -> Session:
+    """Checks the run folder (its lock held by the main process), then builds the session and, when resuming,
+    restores the checkpoint."""
+    from accelerate.utils import set_seed
+
     if accelerator.is_main_process:
-        check_writable(plan.output, "--output")
+        run_folder.recover(Path(args.output), TRAIN)
+    accelerator.wait_for_everyone()  # the leftovers of a crash are gone before any process reads the folder
+    plan = run_folder.open_run(args, TRAIN, run_folder.run_arguments(args, TRAIN,
+                                                                     world_size=accelerator.num_processes))
     set_seed(args.seed)
     session = build_session(args, plan, accelerator)
     if plan.state is not None:
@@ -502,8 +573,8 @@ def restore_checkpoint(session: Session) -> None:
     load_trainable_state(session.model, session.compressor, plan.state["trainable"])
     session.optimizer.load_state_dict(plan.state["optimizer"])
     session.scheduler.load_state_dict(plan.state["scheduler"])
-    run_folder.restore_rng(plan.state)
-    session.step, session.sequences = plan.step, plan.sequences
+    restore_rng(plan.state["rng"])
+    session.step, session.sequences = plan.count, plan.state["sequences"]
     base_lrs = [group_lr(session.args, group["name"]) for group in session.optimizer.param_groups]
     apply_learning_rates(session.optimizer, session.scheduler, base_lrs, session.step, session.args.steps)
     changed = f" with {', '.join(plan.changes)} changed" if plan.changes else ""
@@ -548,7 +619,7 @@ def train_update(session: Session) -> dict:
     loss = float(accelerator.reduce(torch.tensor(sum(losses) / len(losses), device=accelerator.device), "mean"))
     trainable = [p for g in session.groups for p in g["params"]]
     if not math.isfinite(loss) or not all(bool(torch.isfinite(p).all()) for p in trainable):
-        saved = run_folder.checkpoints(session.output)
+        saved = run_folder.checkpoints(session.output, TRAIN)
         raise TrainingDiverged(
             f"update {session.step} made the loss or the weights non-finite (loss {loss}); nothing was saved "
             f"for it{f', the last checkpoint is {saved[0][1]}' if saved else ''}. Lower --lr or set --max-grad-norm")
@@ -576,9 +647,11 @@ def run_updates(session: Session) -> None:
         bar.update(1)
         if session.step % args.save_every == 0 or session.step == args.steps:
             if accelerator.is_main_process:
-                run_folder.save_checkpoint(session.output, session.step, session.sequences, session.plan.run_args,
-                                           trainable_state(session.model, session.compressor), session.optimizer,
-                                           session.scheduler, args.keep_checkpoints)
+                state = {"step": session.step, "sequences": session.sequences,
+                         "trainable": trainable_state(session.model, session.compressor),
+                         "optimizer": session.optimizer.state_dict(), "scheduler": session.scheduler.state_dict(),
+                         "rng": rng_state(), "args": session.plan.run_args}
+                run_folder.save_checkpoint(session.output, TRAIN, session.step, state, args.keep_checkpoints)
                 write_csv_and_plot(session.output)
             accelerator.wait_for_everyone()
     bar.close()
@@ -603,13 +676,17 @@ def write_outputs(session: Session) -> None:
 
 
 def main(args) -> int:
-    session = set_up(args)
-    try:
-        run_updates(session)
-    except TrainingDiverged as exc:
-        print(f"lococo train: error: {exc}", file=sys.stderr)
-        session.accelerator.end_training()
-        return 1
-    write_outputs(session)
-    session.accelerator.end_training()
-    return 0
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    accelerator = make_accelerator()
+    # the main process holds the folder's lock from before it reads the folder until it exits
+    with run_folder.lock(Path(args.output)) if accelerator.is_main_process else contextlib.nullcontext():
+        session = set_up(args, accelerator)
+        try:
+            run_updates(session)
+        except TrainingDiverged as exc:
+            print(f"lococo train: error: {exc}", file=sys.stderr)
+            accelerator.end_training()
+            return 1
+        write_outputs(session)
+        accelerator.end_training()
+        return 0

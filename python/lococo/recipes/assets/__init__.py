@@ -42,6 +42,8 @@ from .split import (
     document_path,
     load_split,
     read_document,
+    read_text_file,
+    refuse_damaged,
     write_split,
 )
 from .store import (
@@ -62,8 +64,8 @@ __all__ = [
     "CACHE_ENV", "FETCH_COMMAND", "GROUPS", "MARKER", "MODEL", "SANITY_MAX_LOSS", "SOURCES", "SPLITS_FILE",
     "AssetError", "AssetMissingError", "Document", "Split", "TextSource", "build_split", "cache_dir",
     "check_documents", "check_split_documents", "document_path", "fetch", "fetch_model", "fetch_text",
-    "html_to_text", "load_model", "load_split", "model_dir", "read_document", "sha256_file", "shared_path", "status",
-    "text_status", "write_split",
+    "html_to_text", "load_model", "load_split", "model_dir", "read_document", "read_text_file", "refuse_damaged",
+    "sha256_file", "shared_path", "status", "text_status", "write_split",
 ]
 
 

@@ -1,16 +1,24 @@
-"""The split of the documents into train, dev and test (``lococo/data/splits.json``), and reading them."""
+"""The split of the documents into train, dev and test (``lococo/data/splits.json``), and reading them.
+
+A fetched document is read only as it was fetched: ``check_documents`` finds the files whose size differs
+from the fetch's record (``damaged``), ``read_document`` checks the SHA-256 of what it reads, and the commands
+refuse a damaged document unless told to leave it out (``refuse_damaged``). ``read_text_file`` reads a
+document of your own, refusing one that is not text.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
 from .model import MODEL
-from .store import AssetError, AssetMissingError, cache_dir, read_marker
+from .store import FETCH_COMMAND, AssetError, AssetMissingError, cache_dir, damaged_files, read_marker
 from .text import SOURCES, text_dir, text_status
 
 SPLITS_FILE = Path(__file__).resolve().parent.parent.parent / "data" / "splits.json"
@@ -74,6 +82,11 @@ def load_split(path: str | os.PathLike | None = None) -> Split:
 
 def document_path(doc_id: str, cache: str | os.PathLike | None = None) -> Path:
     """The stored text of a document id; raises AssetMissingError naming the fetch command."""
+    return _locate(doc_id, cache)[0]
+
+
+def _locate(doc_id: str, cache: str | os.PathLike | None) -> tuple[Path, dict]:
+    """The stored text of a document id and the fetch's record of it (size, sha256)."""
     source_name, sep, rel = doc_id.partition(":")
     if not sep or source_name not in SOURCES:
         raise KeyError(f"not a document id: {doc_id!r} (expected <source>:<path>, source one "
@@ -88,11 +101,52 @@ def document_path(doc_id: str, cache: str | os.PathLike | None = None) -> Path:
     if rel not in marker["files"]:
         raise AssetError(f"{doc_id} is not in {source_name} {marker['version']} as fetched in "
                          f"{folder}: the split was built from another package version")
-    return folder / rel
+    return folder / rel, marker["files"][rel]
+
+
+def _fetch_again(source_names: Iterable[str]) -> str:
+    return f"`{FETCH_COMMAND} --only {','.join(sorted(set(source_names)))} --force`"
 
 
 def read_document(doc_id: str, cache: str | os.PathLike | None = None) -> str:
-    return document_path(doc_id, cache).read_text(encoding="utf-8")
+    """The text of a fetched document; AssetError when it is not what was fetched (its SHA-256 differs)."""
+    path, info = _locate(doc_id, cache)
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != info["sha256"]:
+        raise AssetError(f"{path} ({doc_id}) is damaged: its SHA-256 differs from the one recorded when it was "
+                         f"fetched. Fetch it again with {_fetch_again([doc_id.split(':', 1)[0]])}")
+    return data.decode("utf-8")
+
+
+def refuse_damaged(problems: dict[str, str], cache: str | os.PathLike | None = None, *,
+                   skip: bool | None) -> None:
+    """AssetError naming the damaged documents among ``problems`` (``check_documents``), unless ``skip``
+    (None: the command has no --skip-damaged, and the message does not offer it)."""
+    damaged = [doc_id for doc_id, why in problems.items() if why == "damaged"]
+    if damaged and not skip:
+        shown = ", ".join(str(document_path(doc_id, cache)) for doc_id in damaged[:3])
+        shown += " ..." if len(damaged) > 3 else ""
+        raise AssetError(f"{len(damaged)} fetched document(s) are damaged, their files differ from what the fetch "
+                         f"recorded: {shown}. Fetch them again with "
+                         f"{_fetch_again(doc_id.split(':', 1)[0] for doc_id in damaged)}"
+                         + (", or pass --skip-damaged to leave them out" if skip is not None else ""))
+
+
+def read_text_file(path: str | os.PathLike, flag: str = "--docs") -> str:
+    """A plain-text file of your own (UTF-8); UsageError when it is not text (NUL bytes, or mostly not UTF-8), a
+    warning when a few bytes are not UTF-8 (they read as U+FFFD)."""
+    from ..argtypes import UsageError
+
+    data = Path(path).read_bytes()
+    text = data.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
+    if b"\0" in data or bad > max(8, len(data) // 10):
+        why = "it holds NUL bytes" if b"\0" in data else f"{bad} of its {len(data)} bytes are not UTF-8"
+        raise UsageError(f"{flag} {path} is not a text file ({why}); pass plain-text (UTF-8) documents")
+    if bad:
+        print(f"lococo: warning: {flag} {path}: {bad} byte(s) are not UTF-8 and read as U+FFFD", file=sys.stderr,
+              flush=True)
+    return text
 
 
 SOTU_DEV_YEAR_DIGIT = 5  # speeches of years ending in 5 are the dev set; the rest are test
@@ -163,7 +217,9 @@ def write_split(split: dict, path: str | os.PathLike) -> None:
 
 
 def check_documents(documents: Iterable[Document], cache: str | os.PathLike | None = None) -> dict[str, str]:
-    """{id: "missing" or "changed"} for the documents that are not in the fetched text as recorded."""
+    """{id: why} for the documents that are not in the fetched text as the split recorded them: "missing",
+    "changed" (the fetched package holds another version) or "damaged" (the stored file's size differs from
+    the fetch's record; ``read_document`` checks its SHA-256)."""
     root = cache_dir(cache)
     markers: dict[str, dict | None] = {}
     problems: dict[str, str] = {}
@@ -176,6 +232,8 @@ def check_documents(documents: Iterable[Document], cache: str | os.PathLike | No
             problems[doc.id] = "missing"
         elif info["sha256"] != doc.sha256:
             problems[doc.id] = "changed"
+        elif damaged_files(text_dir(root, SOURCES[doc.source]), {doc.path: info}, full=False):
+            problems[doc.id] = "damaged"
     return problems
 
 
