@@ -56,7 +56,8 @@ def test_distill_trains_saves_and_resumes(saved):
     assert [r["sequences"] for r in rows] == [1, 2, 3] and "error" in rows[-1]
     record = json.loads((root / "run" / "train_args.json").read_text())
     assert record["resumed_with_changes"] == [{"at_sequence": 2, "changes": {"sequences": [2, 3]}}]
-    assert json.loads((root / "run" / "checkpoint" / "progress.json").read_text())["args"]["sequences"] == 3
+    progress = root / "run" / "checkpoints" / "sequence-3" / "progress.json"
+    assert json.loads(progress.read_text())["args"]["sequences"] == 3
 
 
 def test_distill_keeps_one_run_per_folder(saved, capsys):
@@ -81,7 +82,7 @@ def test_distill_keeps_one_run_per_folder(saved, capsys):
         assert exit_info.value.code == 2 and named in capsys.readouterr().err
     assert run("--no-resume", "--overwrite", "--seed", "3") == 0
     assert json.loads((out / "train_args.json").read_text())["seed"] == 3
-    shutil.rmtree(out / "checkpoint")                    # a run that stopped before its first checkpoint
+    shutil.rmtree(out / "checkpoints")                   # a run that stopped before its first checkpoint
     with pytest.raises(SystemExit):
         run("--seed", "4")
     assert "holds another run that has no checkpoint (--seed 3 -> 4)" in capsys.readouterr().err

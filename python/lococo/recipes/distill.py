@@ -26,11 +26,13 @@ selection of H2O with the same trigger and scores) on the same sequence, and the
 errors: the learned compressor's error relative to H2O's is the quantity this training lowers.
 
 Writes into --output: the compressor (``save_pretrained``), ``train_args.json``, ``log.jsonl``,
-``log.csv``, ``loss.png`` and ``checkpoint/`` (compressor, optimizers, sequences done and the
-arguments that matter) from which a run resumes. One run per folder, with `lococo train`'s rule: a
-resume with other arguments that matter is refused, naming them, unless --resume-with-changes
-(those that fix the compressor's geometry are refused even then); --no-resume into a folder that
-holds a run, or over a compressor that no run wrote, is refused unless --overwrite.
+``log.csv``, ``loss.png`` and ``checkpoints/sequence-N/`` (compressor, optimizers, sequences done and
+the arguments that matter) from which a run resumes. The run folder follows `lococo train`'s rules
+(``lococo.recipes.run_folder``): one run per folder, held by one process at a time; atomic
+checkpoints; a resume with other arguments that matter is refused, naming them, unless
+--resume-with-changes (those that fix the compressor's geometry are refused even then);
+--no-resume into a folder that holds a run, or over a compressor that no run wrote, is refused
+unless --overwrite, which deletes only what a run writes.
 """
 
 from __future__ import annotations
@@ -44,17 +46,17 @@ import os
 import time
 from pathlib import Path
 
+from . import run_folder
+from .replay import CAPTURE, register_capture, replay, teacher_records
+
 DEFAULT_LR = 1e-2
 
 # Arguments that fix the compressor (its geometry, its start): a resume cannot change them.
-FROZEN = ("model", "num_slots", "rho", "kernel_size", "chunk_size", "beta", "num_local", "slot_bias",
+FROZEN = ("model", "num_slots", "budgets", "rho", "kernel_size", "chunk_size", "beta", "num_local", "slot_bias",
           "alpha_init", "init_std", "init_from")
 # Arguments that change what the rest of the run does: a resume changes them only when asked.
 RESUMABLE_CHANGES = ("docs", "split_file", "max_docs", "dtype", "seq_len", "sequences", "batch_size",
                      "update_every", "lr", "warmup", "alpha_range", "max_grad_norm", "seed")
-CHECKPOINT = "checkpoint"
-RUN_FILES = ("train_args.json", "log.jsonl", "log.csv", "loss.png", "lococo_config.json",
-             "lococo_compressor.safetensors")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         compressor_group="compressor (ignored when resuming or with --init-from)", alpha_init=0.0, init_std=0.05)
     lococo.add_argument("--no-slot-bias", dest="slot_bias", action="store_false",
                         help="no learned attention logit per fused slot (the paper's semantics)")
+    lococo.add_argument("--budgets", default=None, metavar="FILE",
+                        help="per-layer slots instead of --num-slots everywhere: a budget file (`lococo calibrate`) "
+                             "or a shipped name; each layer trains at its own M")
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--init-from", default=None, metavar="FOLDER",
                      help="start from this compressor (a folder or a shipped name; same geometry), not a fresh one")
@@ -93,19 +98,17 @@ def validate(args) -> None:
     """Checks across arguments, before the model loads."""
     from pathlib import Path
 
-    from ..config import LoCoCoConfig
     from .argtypes import UsageError, check_writable
 
     if args.init_from is None:
         try:
-            LoCoCoConfig(num_slots=args.num_slots, rho=args.rho, beta=args.beta, kernel_size=args.kernel_size,
-                         num_local=args.num_local, alpha_init=args.alpha_init, init_std=args.init_std,
-                         chunk_size=args.chunk_size, slot_bias=args.slot_bias)
-        except ValueError as exc:
+            config = new_config(args)
+        except (OSError, ValueError) as exc:
             raise UsageError(str(exc)) from None
-        if args.seq_len <= args.num_slots + args.beta + args.chunk_size:
+        if args.seq_len <= config.max_slots + args.beta + args.chunk_size:
             raise UsageError(f"--seq-len {args.seq_len} never compresses: it must exceed M + beta + B = "
-                             f"{args.num_slots + args.beta + args.chunk_size}")
+                             f"{config.max_slots + args.beta + args.chunk_size}"
+                             + (" (the largest M of --budgets)" if config.per_layer else ""))
     for path in args.docs or []:
         if not Path(path).is_file():
             raise UsageError(f"--docs {path}: no such file")
@@ -113,213 +116,75 @@ def validate(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------
-# The teacher: one full-cache forward records every layer's q, k, v and attention output
-# ----------------------------------------------------------------------------------------
-
-CAPTURE = "lococo_capture"
-_records: dict[int, tuple] = {}
-
-
-def _capture_attention(module, query, key, value, attention_mask, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    output, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    _records[module.layer_idx] = (query, key, value, output)
-    return output, weights
-
-
-def register_capture() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(CAPTURE, _capture_attention)
-    AttentionMaskInterface.register(CAPTURE, sdpa_mask)
-
-
-def teacher_records(model, ids):
-    """{layer: (q [b, heads, T, d], k [b, kv, T, d], v, out [b, T, heads, d])} of a full-cache forward."""
-    import torch
-
-    _records.clear()
-    with torch.no_grad():
-        model.model(input_ids=ids, use_cache=False)
-    records = dict(_records)
-    _records.clear()
-    return records
-
-
-# ----------------------------------------------------------------------------------------
-# One layer's LoCoCo recurrence on the teacher's tensors
+# One layer's LoCoCo recurrence on the teacher's tensors (lococo.recipes.replay)
 # ----------------------------------------------------------------------------------------
 
 def replay_layer(layer_compressor, config, record, attention_module, *, alpha: float | None = None,
                  lookahead: bool = False, step_every: int = 0, on_update=None) -> tuple[float, int]:
-    """The LoCoCo cache of one layer over a recorded sequence, chunk by chunk, as at inference.
+    """The LoCoCo cache of one layer over a recorded sequence, chunk by chunk, as at inference (``replay``).
 
-    The cache layer is ``LoCoCoLayer`` itself and the attention is ``biased_attention`` (which the
-    scored attention functions use too), so that training sees exactly what generation will. Returns
-    (sum over compressed chunks of the relative output error, number of such chunks). With
-    ``step_every`` > 0 the loss is back-propagated after every chunk and ``on_update()`` is called
-    every ``step_every`` compressed chunks (and once at the end). ``alpha`` replaces the layer's blend
-    and drops its slot logits (alpha = 0 is H2O's top-M selection with the same trigger and scores).
-    ``lookahead`` compresses with the scores that the coming chunk's own queries give the stored entries
-    instead of the previous chunk's: an oracle that no cache can run, the best a one-chunk selection can
-    do (``benchmarks/layer_error.py``).
+    ``config`` is the layer's (``LoCoCoConfig.layer(i)``; a uniform config serves every layer). Returns
+    (sum over compressed chunks of the relative output error, number of such chunks). ``alpha`` replaces
+    the layer's blend and drops its slot logits (alpha = 0 is H2O's top-M selection with the same trigger
+    and scores); ``lookahead``, ``step_every`` and ``on_update`` as ``replay.replay``.
     """
-    import torch
-
-    from ..hf.attention import biased_attention
     from ..hf.caches import LoCoCoLayer
-
-    query, key, value, target = (t.float() for t in record)
-    b, heads, total, d = query.shape
-    w_o = attention_module.o_proj.weight.float()
-    target = target.reshape(b, total, heads * d)
 
     if alpha is not None:  # a frozen copy at this alpha, without slot logits
         layer_compressor = copy.deepcopy(layer_compressor).requires_grad_(False)
         layer_compressor.alpha.fill_(alpha)
         layer_compressor.slot_logit = None
-    layer = LoCoCoLayer(layer_compressor, config)
-    error_sum, compressed_chunks, pending = 0.0, 0, 0
-    train = step_every > 0
-    for start in range(0, total, config.chunk_size):
-        stop = min(total, start + config.chunk_size)
-        new_keys, new_values = key[:, :, start:stop], value[:, :, start:stop]
-        if lookahead and layer._will_compress():
-            with torch.no_grad():
-                _, _, ahead = biased_attention(attention_module, query[:, :, start:stop],
-                                               torch.cat([layer.keys, new_keys], -2),
-                                               torch.cat([layer.values, new_values], -2), None, layer.logit_bias,
-                                               scaling=attention_module.scaling)
-            layer.record_scores(ahead[..., :layer.stored_length])
-        with torch.set_grad_enabled(train and layer._will_compress()):
-            keys, values = layer.update(new_keys, new_values)
-            # no mask: every stored entry visible, the new ones causal (bottom-right aligned)
-            out, _, scores = biased_attention(attention_module, query[:, :, start:stop], keys, values, None,
-                                              layer.logit_bias, scaling=attention_module.scaling)
-            layer.record_scores(scores)
-            if layer.num_compressions:
-                reference = target[:, start:stop] @ w_o.T
-                out = out.reshape(b, stop - start, heads * d) @ w_o.T
-                error = (out - reference).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-12)
-                if train and error.requires_grad:
-                    error.backward()
-                    pending += 1
-                    if pending == step_every:
-                        on_update()
-                        pending = 0
-                error_sum += float(error.detach())
-                compressed_chunks += 1
-        layer.detach_()
-    if train and pending:
-        on_update()
-    return error_sum, compressed_chunks
+    result = replay(LoCoCoLayer(layer_compressor, config), record, attention_module, config.chunk_size,
+                    lookahead=lookahead, step_every=step_every, on_update=on_update)
+    return result.error_sum, result.compressed_chunks
 
 
 # ----------------------------------------------------------------------------------------
 # Checkpoint, logs
 # ----------------------------------------------------------------------------------------
 
-def run_arguments(args) -> dict:
-    """The arguments that matter to a run, as plain JSON values."""
-    return json.loads(json.dumps({name: getattr(args, name) for name in FROZEN + RESUMABLE_CHANGES}, default=str))
+CHECKPOINT_FILES = ("compressor/lococo_config.json", "compressor/lococo_compressor.safetensors", "optimizers.pt",
+                    "progress.json")
 
 
-def _wipe(output: Path) -> None:
-    import shutil
-
-    for name in RUN_FILES:
-        (output / name).unlink(missing_ok=True)
-    for name in (CHECKPOINT, CHECKPOINT + ".tmp", CHECKPOINT + ".old"):
-        shutil.rmtree(output / name, ignore_errors=True)
-
-
-def open_folder(args) -> dict[str, list] | None:
-    """Checks --output before the model loads: the changes a resume makes, or None for a new run (folder emptied)."""
-    from . import run_folder
-    from .argtypes import UsageError
-
-    output = Path(args.output)
-    if output.exists() and not output.is_dir():
-        raise UsageError(f"--output {output} is a file, not a folder")
-    current = run_arguments(args)
-    progress = output / CHECKPOINT / "progress.json"
-    if run_folder.holds_foreign_compressor(output) and not progress.is_file():
-        if not args.overwrite:
-            raise UsageError(f"--output {output} holds a compressor that no training run in this folder wrote; "
-                             "pass --overwrite to replace it, or choose another folder")
-        _wipe(output)
-        return None
-    if not run_folder.holds_run(output) and not progress.is_file():
-        return None
-    if args.no_resume:
-        if not args.overwrite:
-            raise UsageError(f"--output {output} holds a distill run; --no-resume would mix two runs in one "
-                             "folder: pass --overwrite as well to delete it and start over, or choose another folder")
-        _wipe(output)
-        return None
-    recorded_file = run_folder.recorded_arguments(output, FROZEN + RESUMABLE_CHANGES)
-    if not progress.is_file():   # a run that stopped before its first checkpoint: start it again if it is the same
-        changed = run_folder.differences(recorded_file or {}, current, FROZEN + RESUMABLE_CHANGES)
-        if recorded_file is None or changed:
-            raise UsageError(f"--output {output} holds another run that has no checkpoint"
-                             + (f" ({run_folder.describe(changed)})" if recorded_file else "")
-                             + "; pass --no-resume --overwrite to delete it, or choose another folder")
-        _wipe(output)
-        return None
-    try:
-        saved = json.loads(progress.read_text())
-        where = f"{output / CHECKPOINT} (sequence {int(saved['sequences'])})"
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UsageError(f"{progress} does not load; pass --no-resume --overwrite to start over") from None
-    recorded = saved.get("args") or recorded_file   # checkpoints before the arguments were stored in them
-    if recorded is None:
-        if not args.resume_with_changes:
-            raise UsageError(f"the arguments that {where} was trained with are not recorded; pass "
-                             "--resume-with-changes to resume it with these, or --no-resume --overwrite")
-        return {}
-    return run_folder.check_resume(where, recorded, current, FROZEN, RESUMABLE_CHANGES, args.resume_with_changes)
-
-
-def write_record(args, output: Path, done: int, changes: dict[str, list] | None) -> None:
-    """train_args.json (every argument, and the changes of each resume); the log cut back to the checkpoint."""
-    from . import run_folder
-
-    history = []
-    if changes is not None:
-        try:
-            history = json.loads((output / "train_args.json").read_text()).get("resumed_with_changes", [])
-        except (OSError, ValueError, AttributeError):
-            history = []
-        if changes:
-            history.append({"at_sequence": done, "changes": changes})
-    record = {k: v for k, v in vars(args).items() if k not in ("func", "validate")}
-    (output / "train_args.json").write_text(json.dumps({**record, "resumed_with_changes": history},
-                                                       indent=2, default=str) + "\n")
-    run_folder.truncate_log(output, done, key="sequences")
-
-
-def save_checkpoint(output: Path, compressor, optimizers, sequences: int, run_args: dict) -> None:
-    import shutil
-
+def save_checkpoint_files(folder: Path, state) -> None:
+    """A checkpoint: the compressor, every layer's optimizer state (tensors and numbers, loaded with
+    weights_only) and ``progress.json`` (sequences done, the arguments that matter)."""
     import torch
 
-    folder = output / CHECKPOINT
-    tmp = output / (CHECKPOINT + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    compressor.save_pretrained(tmp / "compressor")
-    # optimizer states hold only tensors and numbers: saved as tensors, loaded with weights_only
-    torch.save([opt.state_dict() for opt in optimizers], tmp / "optimizers.pt")
-    (tmp / "progress.json").write_text(json.dumps({"sequences": sequences, "args": run_args}))
-    if folder.exists():
-        old = output / "checkpoint.old"
-        os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, folder)
+    compressor, optimizers, sequences, run_args = state
+    compressor.save_pretrained(folder / "compressor")
+    torch.save([opt.state_dict() for opt in optimizers], folder / "optimizers.pt")
+    (folder / "progress.json").write_text(json.dumps({"sequences": sequences, "args": run_args}))
+
+
+def load_checkpoint_files(folder: Path) -> run_folder.Checkpoint:
+    """(compressor, optimizer states) of a checkpoint, every file checked (DamagedFile naming the file and field)."""
+    import torch
+
+    from ..compressor import LoCoCoCompressor
+
+    path = folder / "progress.json"
+    progress = run_folder.read_json(path)
+    done = run_folder.get_count(path, progress, "sequences")
+    recorded = run_folder.get(path, progress, "args", dict) if "args" in progress else None  # older: not recorded
+    compressor = LoCoCoCompressor.from_pretrained(folder / "compressor", dtype=torch.float32)
+    states = run_folder.load_tensors(folder / "optimizers.pt")
+    if not (isinstance(states, list) and len(states) == len(compressor.layers)
+            and all(isinstance(s, dict) and {"state", "param_groups"} <= s.keys() for s in states)):
+        raise run_folder.DamagedFile(f"{folder / 'optimizers.pt'}: expected {len(compressor.layers)} optimizer "
+                                     "states, one per layer of the compressor")
+    return run_folder.Checkpoint(done, recorded, (compressor, states))
+
+
+DISTILL = run_folder.Recipe(
+    unit="sequence", log_key="sequences", total="sequences", prefix="sequence", frozen=FROZEN,
+    resumable=RESUMABLE_CHANGES, files=CHECKPOINT_FILES, save=save_checkpoint_files, load=load_checkpoint_files,
+    legacy=("checkpoint", "checkpoint.old", "checkpoint.tmp"))   # the one checkpoint of earlier versions
+
+
+def save_checkpoint(output: Path, compressor, optimizers, sequences: int, run_args: dict, keep: int) -> None:
+    run_folder.save_checkpoint(output, DISTILL, sequences, (compressor, optimizers, sequences, run_args), keep)
 
 
 def write_csv_and_plot(output: Path) -> None:
@@ -364,34 +229,48 @@ def lr_at(progress: float, peak: float, warmup: float) -> float:
     return peak * max(0.0, 1.0 - progress) / max(1e-9, 1.0 - warmup)
 
 
-def build_compressor(args, model):
-    """The compressor and its per-layer optimizers: from the run's checkpoint, from --init-from, or new.
+def new_config(args):
+    """The config of a fresh compressor: --num-slots in every layer, or the per-layer slots of --budgets."""
+    from ..budgets import Budgets
+    from ..config import LoCoCoConfig
+
+    slots = args.num_slots if args.budgets is None else Budgets.load(args.budgets).num_slots
+    return LoCoCoConfig(num_slots=slots, rho=args.rho, beta=args.beta, kernel_size=args.kernel_size,
+                        num_local=args.num_local, alpha_init=args.alpha_init, init_std=args.init_std,
+                        chunk_size=args.chunk_size, slot_bias=args.slot_bias)
+
+
+def build_compressor(args, model, plan: run_folder.RunPlan):
+    """The compressor and its per-layer optimizers: from the checkpoint ``plan`` resumes, from --init-from, or new.
 
     Returns (compressor, optimizers, sequences already done).
     """
     import torch
 
     from ..compressor import LoCoCoCompressor
-    from ..config import LoCoCoConfig
+    from .argtypes import UsageError
 
-    ckpt = Path(args.output) / CHECKPOINT
-    done = 0
-    if ckpt.is_dir():
-        compressor = LoCoCoCompressor.from_pretrained(ckpt / "compressor", model=model, dtype=torch.float32)
-        done = json.loads((ckpt / "progress.json").read_text())["sequences"]
+    if plan.state is not None:
+        compressor, states = plan.state
+        try:
+            compressor.check_model(model)
+        except ValueError as exc:
+            raise UsageError(f"{plan.checkpoint}: {exc}") from None
+        compressor.to(next(model.parameters()).device)
     elif args.init_from:
         compressor = LoCoCoCompressor.from_pretrained(args.init_from, model=model, dtype=torch.float32)
     else:
-        compressor = LoCoCoCompressor.for_model(model, LoCoCoConfig(
-            num_slots=args.num_slots, rho=args.rho, beta=args.beta, kernel_size=args.kernel_size,
-            num_local=args.num_local, alpha_init=args.alpha_init, init_std=args.init_std,
-            chunk_size=args.chunk_size, slot_bias=args.slot_bias))
+        try:
+            compressor = LoCoCoCompressor.for_model(model, new_config(args))
+        except ValueError as exc:
+            raise UsageError(f"--budgets {args.budgets}: {exc}") from None
     compressor.requires_grad_(True)
     optimizers = [torch.optim.AdamW(layer.parameters(), lr=args.lr, weight_decay=0.0) for layer in compressor.layers]
-    if ckpt.is_dir():
-        for opt, state in zip(optimizers, torch.load(ckpt / "optimizers.pt", weights_only=True)):
+    if plan.state is not None:
+        for opt, state in zip(optimizers, states):
             opt.load_state_dict(state)
-    return compressor, optimizers, done
+        plan.state = None   # in the compressor and the optimizers now
+    return compressor, optimizers, plan.count
 
 
 def train_batch(args, model, compressor, optimizers, ids, lr: float, compare: bool) -> dict:
@@ -415,12 +294,13 @@ def train_batch(args, model, compressor, optimizers, ids, lr: float, compare: bo
                 with torch.no_grad():
                     layer.alpha.clamp_(0.0, 1.0)
 
-        total, count = replay_layer(layer, compressor.config, records[index], attn, step_every=args.update_every,
+        total, count = replay_layer(layer, compressor.config.layer(index), records[index], attn,
+                                    step_every=args.update_every,
                                     on_update=update)
         errors.append(total / max(1, count))
         if compare:
             with torch.no_grad():
-                total, count = replay_layer(layer, compressor.config, records[index], attn, alpha=0.0)
+                total, count = replay_layer(layer, compressor.config.layer(index), records[index], attn, alpha=0.0)
             h2o_errors.append(total / max(1, count))
         records[index] = None
     row = {"error": sum(errors) / len(errors), "layer_error": errors, "lr": lr,
@@ -433,26 +313,30 @@ def train_batch(args, model, compressor, optimizers, ids, lr: float, compare: bo
 
 
 def main(args) -> int:
-    """`lococo distill`, with arguments that ``validate`` has checked."""
+    """`lococo distill`, with arguments that ``validate`` has checked: the run, holding its folder's lock."""
+    with run_folder.lock(Path(args.output)):
+        return run(args)
+
+
+def run(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from tqdm.auto import tqdm
 
-    from . import run_folder
     from .train import TokenWindows, load_llm, training_documents
 
     output = Path(args.output)
-    changes = open_folder(args)
-    output.mkdir(parents=True, exist_ok=True)
-    run_args = run_arguments(args)
+    run_folder.recover(output, DISTILL)
+    plan = run_folder.open_run(args, DISTILL, run_folder.run_arguments(args, DISTILL))
+    run_args = plan.run_args
     torch.manual_seed(args.seed)
     args.rope_scaling = None
     model, tokenizer = load_llm(args)
     model.eval()
     register_capture()
     model.set_attn_implementation(CAPTURE)
-    compressor, optimizers, done = build_compressor(args, model)
-    write_record(args, output, done, changes)
+    compressor, optimizers, done = build_compressor(args, model, plan)
+    run_folder.prepare_folder(plan, {k: v for k, v in vars(args).items() if k not in ("func", "validate")})
     docs, read = training_documents(args, tokenizer)
     windows = TokenWindows(docs, read, tokenizer, args.seq_len, args.seed)
 
@@ -472,7 +356,7 @@ def main(args) -> int:
             bar.update(batch)
             bar.set_postfix(error=f"{row['error']:.4f}", ratio=f"{row.get('ratio', float('nan')):.3f}")
             if done % args.save_every == 0 or done >= args.sequences:
-                save_checkpoint(output, compressor, optimizers, done, run_args)
+                save_checkpoint(output, compressor, optimizers, done, run_args, args.keep_checkpoints)
                 write_csv_and_plot(output)
     bar.close()
     compressor.save_pretrained(output)

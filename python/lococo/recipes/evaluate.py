@@ -39,11 +39,7 @@ from .argtypes import (
     non_negative_int,
     positive_int,
 )
-
-METHODS = ("full", "lococo", "h2o", "tova", "streaming")
-METHOD_LABELS = {"full": "full cache", "lococo": "LoCoCo", "h2o": "H2O", "tova": "TOVA",
-                 "streaming": "StreamingLLM"}
-KEEPS_RECENT = ("h2o", "tova")   # the baselines that take --num-local
+from .methods import BUDGET_SHAPES, KEEPS_RECENT, METHODS, method_cache, method_label, resolve_budgets
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma separated, from {','.join(METHODS)} (default: all; without "
                              "--compressor all but lococo)")
     parser.add_argument("--num-slots", "-M", type=positive_int, default=None,
-                        help="M for every method (default: the compressor's, else 128)")
+                        help="M for every method, or the mean M of --budgets (default: the compressor's, else 128)")
+    parser.add_argument("--budgets", default=None, metavar="FILE",
+                        help="per-layer slots of the baselines: a budget file (`lococo calibrate`) or a shipped name, "
+                             f"or a shape at the mean M: {' or '.join(BUDGET_SHAPES)} (default: the compressor's "
+                             "budgets, else uniform). LoCoCo always keeps its compressor's")
     parser.add_argument("--chunk-size", "-B", type=positive_int, default=None,
                         help="tokens per forward (default: the compressor's, else 128)")
     parser.add_argument("--beta", type=non_negative_int, default=None,
@@ -69,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", choices=["test", "dev"],
                         help="documents of the packaged split (ignored with --docs)")
     parser.add_argument("--split-file", default=None, help="another splits.json")
+    parser.add_argument("--skip-damaged", action="store_true",
+                        help="leave out, with a warning, split documents whose fetched text fails its checksum "
+                             "(default: refuse them)")
     parser.add_argument("--max-docs", type=positive_int, default=None,
                         help="at most N documents, taken in turn from each source")
     parser.add_argument("--start-token", type=non_negative_int, default=0, help="first token of the range")
@@ -102,9 +105,12 @@ def validate(args) -> None:
         except (OSError, ValueError) as exc:
             raise UsageError(f"--compressor: {exc}") from None
         check_compressor_fits(geometry, args.model, args.assets_dir)
-        if args.num_slots not in (None, config.num_slots):
-            raise UsageError(f"--num-slots {args.num_slots} differs from the compressor's M = {config.num_slots}")
+        mean_slots = round(sum(config.slots_per_layer(geometry.num_layers)) / geometry.num_layers)
+        if args.num_slots not in (None, mean_slots):
+            raise UsageError(f"--num-slots {args.num_slots} differs from the compressor's M = {mean_slots}"
+                             + (" (mean of its per-layer budgets)" if config.per_layer else ""))
     fill_defaults(args, config)
+    fill_budgets(args, config)
     check_baselines(args)
     if args.task == "passkey":
         passkey.validate(args)
@@ -140,23 +146,68 @@ def fill_defaults(args, config) -> None:
     """M, B, beta and the num_local of H2O and TOVA not given: the compressor's, else 128, 128, 16 and 0."""
     for name, default in (("num_slots", 128), ("chunk_size", 128), ("beta", 16), ("num_local", 0)):
         if getattr(args, name) is None:
-            setattr(args, name, getattr(config, name) if config is not None else default)
+            value = getattr(config, name) if config is not None else default
+            if name == "num_slots" and isinstance(value, tuple):   # per-layer budgets: their mean
+                value = round(sum(value) / len(value))
+            setattr(args, name, value)
+
+
+def model_layers(args) -> int:
+    """The model's decoder layers, from its config (no weights loaded)."""
+    from transformers import AutoConfig
+
+    from ..compressor import ModelGeometry
+    from . import assets
+
+    path = args.model or assets.model_dir(args.assets_dir)
+    try:
+        return ModelGeometry.of(AutoConfig.from_pretrained(path)).num_layers
+    except (OSError, ValueError, TypeError) as exc:
+        raise UsageError(f"--model {path}: {exc}") from None
+
+
+def fill_budgets(args, config) -> None:
+    """args.num_slots becomes the baselines' slots (an int, or one per layer) and args.budgets_label their name.
+
+    Without --budgets the baselines keep the compressor's budgets (the same memory as LoCoCo), else M everywhere.
+    """
+    args.mean_slots = args.num_slots
+    args.budgets_label = None
+    if args.budgets is None and config is not None and config.per_layer:
+        args.num_slots, args.budgets_label = list(config.num_slots), "compressor's"
+        return
+    if args.budgets is None:
+        return
+    num_layers = model_layers(args)
+    try:
+        args.num_slots, args.budgets_label = resolve_budgets(args.budgets, num_layers, args.num_slots,
+                                                             floor=max(args.num_local + 1, 4))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--budgets: {exc}") from None
+    if isinstance(args.num_slots, list):
+        args.mean_slots = round(sum(args.num_slots) / num_layers)
+    if "lococo" in args.methods and config is not None and config.slots_per_layer(num_layers) != (
+            args.num_slots if isinstance(args.num_slots, list) else [args.num_slots] * num_layers):
+        raise UsageError(f"--budgets {args.budgets} differ from the compressor's slots per layer; LoCoCo keeps its "
+                         "compressor's: run LoCoCo and the baselines at other budgets in two evaluations")
 
 
 def check_baselines(args) -> None:
     """The baselines' own checks of M and beta (StreamingLLM keeps 4 sinks, so M >= 4)."""
     from ..hf.caches.baselines import H2OLayer, StreamingLLMLayer, TOVALayer
 
+    slots = sorted(set(args.num_slots)) if isinstance(args.num_slots, list) else [args.num_slots]
+    given = f"--budgets {args.budgets} (M = {slots[0]} in some layer)" if args.budgets else f"--num-slots {slots[0]}"
     for method, make_layer, flags in (
-            ("h2o", lambda: H2OLayer(args.num_slots, args.beta, args.num_local),
-             f"--num-slots {args.num_slots} and --num-local {args.num_local} do not"),
-            ("tova", lambda: TOVALayer(args.num_slots, args.beta, args.num_local),
-             f"--num-slots {args.num_slots} and --num-local {args.num_local} do not"),
-            ("streaming", lambda: StreamingLLMLayer(args.num_slots, args.beta),
-             f"--num-slots {args.num_slots} does not")):
+            ("h2o", lambda m: H2OLayer(m, args.beta, args.num_local),
+             f"{given} and --num-local {args.num_local} do not"),
+            ("tova", lambda m: TOVALayer(m, args.beta, args.num_local),
+             f"{given} and --num-local {args.num_local} do not"),
+            ("streaming", lambda m: StreamingLLMLayer(m, args.beta), f"{given} does not")):
         if method in args.methods:
             try:
-                make_layer()
+                for m in slots:
+                    make_layer(m)
             except ValueError as exc:
                 raise UsageError(f"{flags} suit the {method} method: {exc}") from None
 
@@ -179,10 +230,11 @@ def check_device(name: str) -> None:
 # ----------------------------------------------------------------------------------------
 
 def stored_entries(cache) -> int:
-    """Entries stored by the first layer (every layer stores as many)."""
-    layer = cache.layers[0]
-    keys = getattr(layer, "keys", None)
-    return 0 if keys is None or not getattr(layer, "is_initialized", True) else keys.shape[-2]
+    """Entries stored per layer, on average over the layers (with per-layer budgets they differ)."""
+    def stored(layer) -> int:
+        keys = getattr(layer, "keys", None)
+        return 0 if keys is None or not getattr(layer, "is_initialized", True) else keys.shape[-2]
+    return round(sum(stored(layer) for layer in cache.layers) / len(cache.layers))
 
 
 def token_losses(model, ids, cache, chunk_size: int) -> tuple[list[float], int, int]:
@@ -221,19 +273,21 @@ def round_robin(documents: list, key) -> list:
 
 
 def select_documents(args) -> tuple[list[tuple[str, str]], list[str]]:
-    """(name, text) of the documents to evaluate, and the split's documents left out as missing."""
+    """(name, text) of the documents to evaluate, and the split's documents left out as missing.
+
+    Files of --docs must be text; a fetched document whose file is damaged is refused (left out with a
+    warning when ``args.skip_damaged``)."""
     from . import assets
 
     if args.docs:
-        docs = [(path, Path(path).read_text(encoding="utf-8", errors="replace"))
-                for path in args.docs]
-        return docs[:args.max_docs], []
+        return [(path, assets.read_text_file(path)) for path in args.docs][:args.max_docs], []
     split = assets.load_split(args.split_file)
     wanted = args.start_token + args.max_tokens
     long_enough = [doc for doc in split[args.split] if doc.tokens >= wanted]
     if not long_enough:
         raise UsageError(f"no {args.split} document has {wanted} tokens (--start-token + --max-tokens)")
     problems = assets.check_documents(long_enough, args.assets_dir)
+    assets.refuse_damaged(problems, args.assets_dir, skip=getattr(args, "skip_damaged", None))
     usable = [doc for doc in long_enough if doc.id not in problems]
     if not usable:
         raise assets.AssetMissingError(f"The {args.split} text", assets.cache_dir(args.assets_dir), "eval-text")
@@ -287,7 +341,7 @@ def write_results(output: Path, rows: list[dict], methods_rows: list[dict],
     for m in methods_rows:
         cells = [f"{ppl[(m['method'], b)]:.2f}" if ppl.get((m["method"], b)) is not None
                  else "-" for b in labels + ["all"]]
-        lines.append(f"| {method_label(m['method'], m['num_local'])} | {m['num_slots'] or 'all'} | "
+        lines.append(f"| {method_label(m['method'], m['num_local'], m['budgets'])} | {m['num_slots'] or 'all'} | "
                      + " | ".join(cells) + f" | {m['peak_kv_bytes'] / 2**20:.2f} |")
     if any(r["ppl_low"] is not None for r in rows):
         bounds = {(r["method"], r["bucket"]): (r["ppl_low"], r["ppl_high"]) for r in rows}
@@ -296,7 +350,7 @@ def write_results(output: Path, rows: list[dict], methods_rows: list[dict],
         for m in methods_rows:
             cells = [f"{lo:.2f}-{hi:.2f}" if (lo, hi) != (None, None) else "-"
                      for lo, hi in (bounds.get((m["method"], b), (None, None)) for b in labels + ["all"])]
-            lines.append(f"| {method_label(m['method'], m['num_local'])} | " + " | ".join(cells) + " |")
+            lines.append(f"| {method_label(m['method'], m['num_local'], m['budgets'])} | " + " | ".join(cells) + " |")
     (output / "results.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
@@ -308,7 +362,8 @@ def write_results(output: Path, rows: list[dict], methods_rows: list[dict],
     for m in methods_rows:
         ys = [ppl.get((m["method"], b)) for b in labels]
         ax.plot(labels, [math.nan if y is None else y for y in ys], marker="o",
-                label=f"{method_label(m['method'], m['num_local'])} ({m['peak_kv_bytes'] / 2**20:.1f} MiB KV)")
+                label=f"{method_label(m['method'], m['num_local'], m['budgets'])} "
+                      f"({m['peak_kv_bytes'] / 2**20:.1f} MiB KV)")
     ax.set(xlabel="token position", ylabel="perplexity",
            title=f"perplexity by position, M = {num_slots}")
     ax.grid(alpha=0.3)
@@ -421,21 +476,6 @@ def set_up(args) -> Evaluation:
     return Evaluation(model, tokenizer, model_path, device, compressor, docs, token_ids, left_out)
 
 
-def method_cache(method: str, args, ev: Evaluation):
-    """A fresh cache of one method, the baselines at the same M and beta, H2O and TOVA with --num-local."""
-    from ..hf.caches import build_cache
-
-    if method in ("full", "lococo"):
-        return build_cache(method, ev.model, ev.compressor if method == "lococo" else None)
-    return build_cache(method, ev.model, num_slots=args.num_slots, beta=args.beta, num_local=args.num_local)
-
-
-def method_label(method: str, num_local: int) -> str:
-    """The method's name in tables, with H2O's or TOVA's recent window when it keeps one."""
-    label = METHOD_LABELS[method]
-    return f"{label} ({num_local} recent)" if method in KEEPS_RECENT and num_local else label
-
-
 def run_methods(args, ev: Evaluation) -> dict[str, Totals]:
     """Every document through every method's cache."""
     from tqdm.auto import tqdm
@@ -461,6 +501,15 @@ def run_methods(args, ev: Evaluation) -> dict[str, Totals]:
     return totals
 
 
+def method_slots(method: str, args, ev: Evaluation, num_layers: int) -> list[int] | None:
+    """Slots per layer of a method's cache (None: the full cache keeps everything)."""
+    if method == "full":
+        return None
+    if method == "lococo":
+        return ev.compressor.config.slots_per_layer(num_layers)
+    return list(args.num_slots) if isinstance(args.num_slots, list) else [args.num_slots] * num_layers
+
+
 def report(args, ev: Evaluation, totals: dict[str, Totals]) -> None:
     """The CSV files, the table, the plot and the metadata in --output."""
     import torch
@@ -468,13 +517,20 @@ def report(args, ev: Evaluation, totals: dict[str, Totals]) -> None:
 
     import lococo
 
+    from ..compressor import ModelGeometry
     from . import assets
 
     edges = args.buckets
     labels = [bucket_label(lo, hi) for lo, hi in zip(edges, edges[1:])]
     rows, method_rows = [], []
+    geometry = ModelGeometry.of(ev.model)
+    slot_bytes = geometry.num_kv_heads * geometry.head_dim * 2 * torch.finfo(getattr(torch, args.dtype)).bits // 8
     for method, total in totals.items():
-        m_slots = None if method == "full" else args.num_slots
+        slots = method_slots(method, args, ev, geometry.num_layers)
+        m_slots = None if slots is None else round(sum(slots) / len(slots))
+        budgets = None if slots is None or len(set(slots)) == 1 else (
+            args.budgets_label if method != "lococo" else "compressor's" if args.budgets_label is None
+            else args.budgets_label)
         intervals = bootstrap_intervals(total.per_document, args.bootstrap, seed=0)
         for label, lo, hi, loss_sum, n, (ppl_low, ppl_high) in zip(
                 labels + ["all"], edges[:-1] + [edges[0]], edges[1:] + [edges[-1]],
@@ -487,13 +543,15 @@ def report(args, ev: Evaluation, totals: dict[str, Totals]) -> None:
         tokens = sum(total.counts)
         num_local = (args.num_local if method in KEEPS_RECENT else
                      ev.compressor.config.num_local if method == "lococo" and ev.compressor is not None else 0)
-        method_rows.append({"method": method, "num_slots": m_slots, "num_local": num_local,
+        method_rows.append({"method": method, "num_slots": m_slots, "budgets": budgets,
+                            "slots_per_layer": None if slots is None else " ".join(map(str, slots)),
+                            "slot_kv_bytes": None if slots is None else sum(slots) * slot_bytes, "num_local": num_local,
                             "chunk_size": args.chunk_size, "beta": args.beta, "peak_kv_bytes": total.peak_bytes,
                             "peak_entries_per_layer": total.peak_entries,
                             "tokens": tokens, "seconds": round(total.seconds, 2),
                             "tokens_per_second": round(tokens / max(total.seconds, 1e-9), 1)})
     output = Path(args.output)
-    write_results(output, rows, method_rows, labels, args.num_slots)
+    write_results(output, rows, method_rows, labels, args.mean_slots)
     write_per_document(output, totals, ev.docs, labels)
     (output / "eval_meta.json").write_text(json.dumps({
         "args": {k: v for k, v in vars(args).items() if k not in ("func", "validate")},
