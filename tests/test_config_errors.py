@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -148,3 +149,51 @@ def test_one_name_each_for_heavy_hitters_and_fused_slots(saved):
     assert lococo.LoCoCoCompressor.from_pretrained(saved).config.num_heavy == 6       # M = 12, rho = 0.5
     edit_config(saved, lambda meta: meta["config"].update(num_heavy=6))
     assert lococo.LoCoCoCompressor.from_pretrained(saved).config.num_fused == 6
+
+
+def test_a_cache_for_more_layers_says_so():
+    """A 3-layer cache under a 2-layer model: refused at the first forward of a patched model, else at the second."""
+    cache = lococo.StreamingLLMCache(3, num_slots=12)
+    model = tiny_model()
+    with torch.no_grad():
+        model(random_ids(1, 8, 0), **cache_kw(model, cache))
+        with pytest.raises(ValueError, match="StreamingLLMCache has 3 layers but the model's forward stored only 2"):
+            model(random_ids(1, 1, 1), **cache_kw(model, cache))
+        lococo.apply_lococo(model)
+        with pytest.raises(ValueError, match=r"H2OCache has 3 layers, the model \(llama\) 2"):
+            model(random_ids(1, 8, 0), **cache_kw(model, lococo.H2OCache(3, num_slots=12)))
+
+
+def test_a_cache_for_other_kv_heads_says_so():
+    cache = lococo.build_cache("streaming", tiny_model(), num_slots=12)        # 2 KV heads
+    other = tiny_model(num_key_value_heads=4)
+    with pytest.raises(ValueError, match="built for 2 KV heads, but layer 0 stores keys with 4"):
+        other(random_ids(1, 4, 0), **cache_kw(other, cache))
+
+
+def truncate(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[:40])
+
+
+def as_int32(file: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    save_file({name: t.to(torch.int32) for name, t in load_file(str(file)).items()}, str(file))
+
+
+@pytest.mark.parametrize("damage, message", [(truncate, "not a readable safetensors file"),
+                                             (as_int32, "not a floating-point dtype")])
+def test_a_damaged_weights_file_is_named_before_any_model_loads(saved, damage, message):
+    damage(saved / WEIGHTS_FILE)
+    with pytest.raises(ValueError, match=message) as info:
+        read_compressor_config(saved)           # what eval, demo and distill check before the model loads
+    assert WEIGHTS_FILE in str(info.value)
+    with pytest.raises(ValueError, match=message):
+        lococo.LoCoCoCompressor.from_pretrained(saved)
+
+
+def test_an_absurd_number_of_slots_is_refused_naming_the_field(saved):
+    edit_config(saved, lambda meta: meta["config"].update(num_slots=10**18))
+    with pytest.raises(ValueError, match=r"config: num_slots \(M\) must be in \[1, 1048576\]") as info:
+        read_compressor_config(saved)
+    assert CONFIG_FILE in str(info.value)

@@ -186,7 +186,38 @@ def read_compressor_config(path: str | Path) -> tuple[LoCoCoConfig, ModelGeometr
         config.slots_per_layer(geometry.num_layers)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{file}: {str(exc).replace('LoCoCoConfig: ', 'config: ')}") from None
+    if (file.parent / WEIGHTS_FILE).is_file():
+        check_weights(file.parent, config, geometry)
     return config, geometry
+
+
+def check_weights(path: str | Path, config: LoCoCoConfig, geometry: ModelGeometry) -> None:
+    """The weights file's header against the config: every tensor there, of its shape and a float dtype.
+
+    Reads only the header (cheap), so that commands can check a compressor before any model loads;
+    ValueError naming the file and the tensor.
+    """
+    from safetensors import safe_open
+
+    file = compressor_folder(path) / WEIGHTS_FILE
+    if not file.is_file():
+        raise _missing(Path(path))
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            got = {name: (tuple(handle.get_slice(name).get_shape()), handle.get_slice(name).get_dtype())
+                   for name in handle.keys()}
+    except Exception as exc:  # safetensors raises its own error types, without the file's name
+        raise ValueError(f"{file}: not a readable safetensors file ({exc})") from None
+    empty = LoCoCoCompressor(config, geometry, device="meta")
+    expected = {name: tuple(t.shape) for name, t in empty.state_dict().items()}
+    problems = [f"missing {name}" for name in sorted(expected.keys() - got.keys())]
+    problems += [f"unexpected {name}" for name in sorted(got.keys() - expected.keys())]
+    problems += [f"{name} has shape {got[name][0]}, the config implies {expected[name]}"
+                 for name in sorted(expected.keys() & got.keys()) if got[name][0] != expected[name]]
+    problems += [f"{name} is {got[name][1]}, not a floating-point dtype (F16, BF16, F32, F64)"
+                 for name in sorted(expected.keys() & got.keys()) if got[name][1] not in ("F16", "BF16", "F32", "F64")]
+    if problems:
+        raise ValueError(f"{file} does not match {CONFIG_FILE}: " + "; ".join(problems))
 
 
 class LoCoCoCompressor(nn.Module):
@@ -287,18 +318,16 @@ class LoCoCoCompressor(nn.Module):
                               f"loaded for a {theirs.model_type} model of the same shapes", stacklevel=2)
             if device is None and isinstance(model, nn.Module):
                 device = next(model.parameters()).device
-        state = load_file(str(path / WEIGHTS_FILE))
+        check_weights(path, config, geometry)
+        try:
+            state = load_file(str(path / WEIGHTS_FILE))
+        except Exception as exc:  # safetensors raises its own error types, without the file's name
+            raise ValueError(f"{path / WEIGHTS_FILE}: not a readable safetensors file ({exc})") from None
+        bad = sorted(name for name, t in state.items() if not torch.isfinite(t).all())
+        if bad:
+            raise ValueError(f"{path / WEIGHTS_FILE}: " + "; ".join(f"{name} holds NaN or infinite values"
+                                                                     for name in bad))
         compressor = cls(config, geometry, device="meta")
-        expected = {name: tuple(t.shape) for name, t in compressor.state_dict().items()}
-        got = {name: tuple(t.shape) for name, t in state.items()}
-        problems = [f"missing {name}" for name in sorted(expected.keys() - got.keys())]
-        problems += [f"unexpected {name}" for name in sorted(got.keys() - expected.keys())]
-        problems += [f"{name} has shape {got[name]}, the config implies {expected[name]}"
-                     for name in sorted(expected.keys() & got.keys()) if got[name] != expected[name]]
-        problems += [f"{name} holds NaN or infinite values" for name in sorted(expected.keys() & got.keys())
-                     if not torch.isfinite(state[name]).all()]
-        if problems:
-            raise ValueError(f"{path / WEIGHTS_FILE} does not match {CONFIG_FILE}: " + "; ".join(problems))
         compressor.load_state_dict(state, assign=True)
         return compressor.to(device=device, dtype=dtype)
 

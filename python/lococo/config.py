@@ -12,6 +12,8 @@ from dataclasses import dataclass
 __all__ = ["LoCoCoConfig"]
 
 _DEFAULT_RHO = 0.5
+# the most slots a layer may keep: far above any useful M, and within every kernel's int32 indexing
+MAX_SLOTS = 1 << 20
 # Fields added after the first release of format 1, with the value that gives the behaviour of configs
 # saved before them; every other field must be present in a saved config.
 ADDED_FIELDS = {"slot_bias": False}
@@ -74,13 +76,14 @@ class LoCoCoConfig:
         if isinstance(num_slots, Sequence) and not isinstance(num_slots, str):
             _need(len(num_slots) >= 1 and all(_is_int(m) for m in num_slots),
                   f"num_slots must be an int or a non-empty list of ints (one per layer), got {list(num_slots)!r}")
-            bad = [i for i, m in enumerate(num_slots) if m < 1]
+            bad = [i for i, m in enumerate(num_slots) if not 1 <= m <= MAX_SLOTS]
             if bad:
-                _fail(f"num_slots (M) must be >= 1 in every layer; layer {bad[0]} has {num_slots[bad[0]]}")
+                _fail(f"num_slots (M) must be in [1, {MAX_SLOTS}] in every layer; layer {bad[0]} has "
+                      f"{num_slots[bad[0]]}")
             num_slots = tuple(num_slots)
         else:
             _need(_is_int(num_slots), f"num_slots must be an int or a list of ints (one per layer), got {num_slots!r}")
-            _need(num_slots >= 1, f"num_slots (M) must be >= 1, got {num_slots}")
+            _need(1 <= num_slots <= MAX_SLOTS, f"num_slots (M) must be in [1, {MAX_SLOTS}], got {num_slots}")
         for name, value in (("beta", beta), ("kernel_size", kernel_size),
                             ("num_local", num_local), ("chunk_size", chunk_size)):
             _need(_is_int(value), f"{name} must be an int, got {value!r}")

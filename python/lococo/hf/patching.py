@@ -121,6 +121,8 @@ def _before_forward(model, state: _PatchState, module, args, kwargs):
             cache = LoCoCoCache(state.compressor)
             kwargs[state.cache_kwarg] = cache
     if isinstance(cache, FixedSlotCache):
+        if cache.get_seq_length() == 0:   # its first forward: a cache built for another model fails here
+            cache.check_model(model)
         if len(set(cache.num_slots)) > 1 and model.config._attn_implementation not in attention.FITS_MASKS:
             raise ValueError(
                 f"this cache has per-layer budgets, which need the lococo attention (it fits each layer's mask), but "

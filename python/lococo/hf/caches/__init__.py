@@ -64,7 +64,10 @@ def build_cache(kind: str, model: nn.Module | PreTrainedConfig, compressor: LoCo
     beta = 16 if beta is None else beta
     num_local = 0 if num_local is None else num_local
     if kind == "h2o":
-        return H2OCache(num_layers, num_slots, beta, num_local)
-    if kind == "tova":
-        return TOVACache(num_layers, num_slots, beta, num_local)
-    return StreamingLLMCache(num_layers, num_slots, beta)
+        cache = H2OCache(num_layers, num_slots, beta, num_local)
+    elif kind == "tova":
+        cache = TOVACache(num_layers, num_slots, beta, num_local)
+    else:
+        cache = StreamingLLMCache(num_layers, num_slots, beta)
+    cache.num_kv_heads = ModelGeometry.of(config).num_kv_heads
+    return cache

@@ -253,11 +253,26 @@ class FixedSlotCache(Cache):
     (``set_input_padding``); without that every new token counts as valid.
     """
 
-    def __init__(self, layers: list[FixedSlotLayer]):
+    def __init__(self, layers: list[FixedSlotLayer], num_kv_heads: int | None = None):
+        """``num_kv_heads`` (when known): the model's KV heads, checked at each layer's first update."""
         if not layers:
             raise ValueError("a fixed-slot cache needs at least one layer")
         super().__init__(layers=layers)
+        self.num_kv_heads = num_kv_heads
         self._new_valid: tuple[int, torch.Tensor] | None = None   # (tokens fed, valid ones per row)
+        self._last_layer: int | None = None   # the layer the latest update stored
+
+    def check_model(self, model_or_config) -> None:
+        """Raises ValueError when the model has another number of decoder layers than this cache."""
+        from ...compressor import ModelGeometry
+
+        theirs = ModelGeometry.of(model_or_config)
+        if theirs.num_layers != len(self.layers):
+            raise ValueError(f"{type(self).__name__} has {len(self.layers)} layers, the model "
+                             f"({theirs.model_type}) {theirs.num_layers}: build the cache for this model")
+        if self.num_kv_heads is not None and theirs.num_kv_heads != self.num_kv_heads:
+            raise ValueError(f"{type(self).__name__} was built for {self.num_kv_heads} KV heads, the model "
+                             f"({theirs.model_type}) has {theirs.num_kv_heads}: build the cache for this model")
 
     def set_input_padding(self, attention_mask: torch.Tensor | None, query_length: int) -> None:
         """Reads the new tokens' padding from the 2D attention mask of the coming forward.
@@ -275,6 +290,14 @@ class FixedSlotCache(Cache):
             raise ValueError(f"{type(self).__name__} has {len(self.layers)} layers (it was built for a "
                              f"{len(self.layers)}-layer model) but was asked to store layer {layer_idx}: the model "
                              "has more decoder layers; build the cache for this model")
+        if layer_idx == 0 and self._last_layer is not None and self._last_layer != len(self.layers) - 1:
+            raise ValueError(f"{type(self).__name__} has {len(self.layers)} layers but the model's forward stored "
+                             f"only {self._last_layer + 1}: the model has fewer decoder layers; build the cache for "
+                             "this model")
+        self._last_layer = layer_idx
+        if self.num_kv_heads is not None and key_states.shape[1] != self.num_kv_heads:
+            raise ValueError(f"{type(self).__name__} was built for {self.num_kv_heads} KV heads, but layer {layer_idx} "
+                             f"stores keys with {key_states.shape[1]}: build the cache for this model")
         new_valid = None
         if self._new_valid is not None and self._new_valid[0] == key_states.shape[-2]:
             new_valid = self._new_valid[1]
@@ -368,6 +391,6 @@ class LoCoCoCache(FixedSlotCache):
         needs_scores = compressor.needs_scores()
         config = compressor.config
         super().__init__([LoCoCoLayer(layer, config.layer(i), needs_scores)
-                          for i, layer in enumerate(compressor.layers)])
+                          for i, layer in enumerate(compressor.layers)], compressor.geometry.num_kv_heads)
         self.compressor = compressor
         self.config = compressor.config
