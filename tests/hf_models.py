@@ -70,3 +70,14 @@ def save_byte_level_model(folder, seed: int = 0) -> None:
     torch.manual_seed(seed)
     config = tiny_config("llama", vocab_size=len(alphabet), pad_token_id=None)
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
+
+
+def save_model_and_document(root, seed: int, words: int) -> str:
+    """``save_byte_level_model`` into root/model and a document of ``words`` random words; the document's path."""
+    import random
+
+    save_byte_level_model(root / "model", seed=seed)
+    rng = random.Random(seed + 1)
+    doc = root / "doc.txt"
+    doc.write_text(" ".join("".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 6))) for _ in range(words)))
+    return str(doc)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import random
 import shutil
 
 import pytest
@@ -13,17 +12,13 @@ import torch
 import lococo
 from lococo.recipes import cli, distill, passkey
 
-from hf_models import save_byte_level_model, tiny_compressor, tiny_model, transformers
+from hf_models import save_model_and_document, tiny_compressor, tiny_model, transformers
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("distill")
-    save_byte_level_model(root / "model", seed=80)
-    rng = random.Random(81)
-    doc = root / "doc.txt"
-    doc.write_text(" ".join("".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 6))) for _ in range(120)))
-    return root, str(doc)
+    return root, save_model_and_document(root, seed=80, words=120)
 
 
 def _distill(root, doc, sequences: int, *extra: str) -> int:
