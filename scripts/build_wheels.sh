@@ -3,7 +3,11 @@
 # and CUDA libraries excluded: they come from the torch wheel), then installs each into a fresh
 # venv and smoke-tests it there (`python -m lococo.info` and the op against the reference).
 #
-#   scripts/build_wheels.sh [VARIANT ...]     variants from cuda_matrix.json; default: cu130 cpu
+#   scripts/build_wheels.sh [VARIANT ...]     variants from cuda_matrix.json; default: all of them
+#
+# Every variant is built against the torch its entry names (cuda_matrix.json: the newest torch the
+# registry serves, for the CPU variant too), and the smoke test checks that installing the wheel
+# next to that torch leaves torch as it was: the wheel's only requirement is torch==<minor>.*.
 #
 # Output in dist/: lococo-<version>.tar.gz and lococo-<version>+<variant>-*.whl. Work trees and
 # venvs under build/wheels/ (kept between runs; torch installs from pip's cache).
@@ -15,8 +19,12 @@ PYTHON=${PYTHON:-python3}
 WORK=$ROOT/build/wheels
 DIST=$ROOT/dist
 variants=("$@")
-[ ${#variants[@]} -gt 0 ] || variants=(cu130 cpu)
+[ ${#variants[@]} -gt 0 ] || mapfile -t variants < <("$PYTHON" -c "import json
+print('\\n'.join(v['label'] for v in json.load(open('cuda_matrix.json'))['variants']))")
 mkdir -p "$WORK" "$DIST"
+# The venvs here pin torch exactly (cuda_matrix.json): a site-wide pip constraint that caps torch
+# (some machines have one, for their own venvs) must not veto these pins.
+export PIP_CONSTRAINT=/dev/null
 
 field() {  # field VARIANT KEY: a value of the variant's entry in cuda_matrix.json
   "$PYTHON" -c "import json, sys
@@ -84,11 +92,25 @@ for variant in "${variants[@]}"; do
   wheel=$(ls "$DIST"/lococo-*+"$variant"-*.whl)
   log "wheel $(basename "$wheel")"
 
-  # 4. Smoke test in a fresh venv: install the wheel next to the torch it was built for.
+  # 4. Smoke test in a venv that has only the torch the wheel was built for (kept between runs, as
+  # torch is large; lococo is removed first): the wheel installs, with its requirements, without
+  # touching that torch.
+  requires=$("$PYTHON" -c "import sys, zipfile
+wheel = zipfile.ZipFile(sys.argv[1])
+meta = wheel.read(next(n for n in wheel.namelist() if n.endswith('.dist-info/METADATA'))).decode()
+print('; '.join(line.split(': ', 1)[1] for line in meta.splitlines()
+                if line.startswith('Requires-Dist: ') and 'extra ==' not in line))" "$wheel")
+  log "wheel requires (without extras): $requires"
   smoke=$WORK/smoke-$variant
-  rm -rf "$smoke"
   venv_with_torch "$smoke" "$torch_version"
+  "$smoke/bin/python" -m pip uninstall -q -y lococo 2>/dev/null || true
+  torch_before=$("$smoke/bin/python" -c "import torch; print(torch.__version__)")
   "$smoke/bin/python" -m pip install -q --disable-pip-version-check "$wheel"
+  torch_after=$("$smoke/bin/python" -c "import torch; print(torch.__version__)")
+  if [ "$torch_before" != "$torch_after" ]; then
+    echo "installing $(basename "$wheel") replaced torch $torch_before with $torch_after" >&2
+    exit 1
+  fi
   (cd "$WORK" && "$smoke/bin/python" -m lococo.info)
   (cd "$WORK" && "$smoke/bin/python" - "$variant" <<'PY'
 import sys

@@ -17,21 +17,21 @@ from lococo.hf import compat
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("version", ["5.17.0", "5.17", "5.20.3", "5.24.0", "5.24.9", "5.24.0rc1"])
+@pytest.mark.parametrize("version", ["5.17.0", "5.17", "5.20.3", "5.24.0", "5.25.0", "5.25.9", "5.25.0rc1"])
 def test_tested_versions_pass_silently(version):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert compat.check_transformers_version(version) is True
 
 
-@pytest.mark.parametrize("version", ["5.16.2", "5.25.0", "5.25.0.dev0", "4.57.1", "6.0.0"])
+@pytest.mark.parametrize("version", ["5.16.2", "5.26.0", "5.26.0.dev0", "4.57.1", "6.0.0"])
 def test_other_versions_warn_with_the_range_and_the_fix(version):
     with pytest.warns(compat.UntestedTransformersWarning) as record:
         assert compat.check_transformers_version(version) is False
     message = str(record[0].message)
     assert f"transformers {version} is installed" in message
-    assert "tested with transformers 5.17 to 5.24" in message
-    assert "pip install 'transformers>=5.17,<5.25'" in message
+    assert "tested with transformers 5.17 to 5.25" in message
+    assert "pip install 'transformers>=5.17,<5.26'" in message
 
 
 def test_unreadable_version_warns():

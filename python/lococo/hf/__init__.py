@@ -1,5 +1,6 @@
 """The transformers integration: scored attention, fixed-size caches, patching and chunked forward."""
 
+from . import compat  # noqa: F401  first: without transformers, its import error names the 'hf' extra
 from .caches import CACHE_KINDS, FixedSlotCache, H2OCache, LoCoCoCache, StreamingLLMCache, TOVACache, build_cache
 from .chunked import chunked_nll, iter_chunks
 from .compat import cache_kwarg, get_output_cache

@@ -10,13 +10,18 @@ from __future__ import annotations
 import inspect
 import warnings
 
-from packaging.version import InvalidVersion, Version
+from ..extras import TESTED_TRANSFORMERS, require, tested_transformers_text
+
+# First of lococo.hf's imports (see lococo/hf/__init__.py): without transformers, the error names the extra.
+require("transformers", "lococo.hf", "hf")
+
+from packaging.version import InvalidVersion, Version  # noqa: E402  (a dependency of transformers)
 
 __all__ = ["TESTED_TRANSFORMERS", "UntestedTransformersWarning", "cache_kwarg", "check_transformers_version",
            "get_output_cache"]
 
-# (first, last) minor releases of transformers the test suite runs against, inclusive.
-TESTED_TRANSFORMERS = ((5, 17), (5, 24))
+# TESTED_TRANSFORMERS: (first, last) minor releases of transformers the test suite runs against, inclusive
+# (defined in lococo.extras, which lococo.info reads without importing transformers).
 
 
 class UntestedTransformersWarning(UserWarning):
@@ -34,7 +39,7 @@ def check_transformers_version(version: str | None = None) -> bool:
 
         version = transformers.__version__
     (first_major, first_minor), (last_major, last_minor) = TESTED_TRANSFORMERS
-    tested = f"{first_major}.{first_minor} to {last_major}.{last_minor}"
+    tested = tested_transformers_text()
     try:
         release = Version(version).release
     except InvalidVersion:

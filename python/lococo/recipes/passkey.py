@@ -7,9 +7,15 @@ generates greedily; a trial succeeds when the first number in the answer is the 
 averages over every token and barely sees the few tokens that only a long-range lookup predicts;
 this task is nothing but such a lookup.
 
-Writes into --output: passkey.csv (one row per method, context length and depth: trials and
-successes), passkey.md (accuracy by length, and by length and depth), passkey.png (a heat map
-per method) and passkey_meta.json.
+Writes into --output: passkey.csv (one row per trial: method, context length, depth, the key,
+the model's answer as decoded text, and successes 0 or 1, so that a miss can be read), passkey.md
+(accuracy by length, and by length and depth), passkey.png (a heat map per method) and
+passkey_meta.json.
+
+    lococo passkey --compressor smollm2-135m-m128 --output runs/passkey
+    lococo passkey --methods full,streaming -M 128 --lengths 1024,2048 --depths 0.5 --trials 4
+
+(`lococo eval --task passkey [...]` is the same command.)
 """
 
 from __future__ import annotations
@@ -106,7 +112,11 @@ def first_number(text: str) -> int | None:
 
 
 def run(args, model, tokenizer, methods: list[str], make_cache, chunk_size: int, device) -> list[dict]:
-    """One row per (method, length, depth): trials and successes."""
+    """One row per trial: method, length, depth, trial, key, the decoded answer, trials (1) and successes (0 or 1).
+
+    ``trials`` and ``successes`` are the columns of the per-cell rows of earlier runs (one row per
+    method, length and depth): summed over the rows of a cell, they give its accuracy either way.
+    """
     import torch
     from tqdm.auto import tqdm
 
@@ -114,11 +124,11 @@ def run(args, model, tokenizer, methods: list[str], make_cache, chunk_size: int,
 
     lengths, depths = args.lengths, args.depths
     rng = random.Random(args.seed)
-    trials = [(length, depth, rng.randrange(10000, 100000)) for length in lengths for depth in depths
-              for _ in range(args.trials)]
-    hits: dict[tuple, int] = {}
+    trials = [(length, depth, trial, rng.randrange(10000, 100000)) for length in lengths for depth in depths
+              for trial in range(args.trials)]
+    rows: dict[tuple, dict] = {}
     bar = tqdm(total=len(trials) * len(methods), disable=args.no_progress, desc="passkey", unit="run")
-    for length, depth, key in trials:
+    for length, depth, trial, key in trials:
         ids = torch.tensor([prompt_ids(tokenizer, length, depth, key)], device=device)
         for method in methods:
             with torch.no_grad():
@@ -127,14 +137,14 @@ def run(args, model, tokenizer, methods: list[str], make_cache, chunk_size: int,
                                      pad_token_id=tokenizer.eos_token_id,
                                      **{cache_kwarg(model): make_cache(method)})
             answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-            cell = (method, length, depth)
-            hits[cell] = hits.get(cell, 0) + int(first_number(answer) == key)
+            rows[(method, length, depth, trial)] = {
+                "method": method, "length": length, "depth": depth, "trial": trial, "key": key, "answer": answer,
+                "trials": 1, "successes": int(first_number(answer) == key)}
             bar.set_postfix(method=method, length=length, depth=depth)
             bar.update(1)
     bar.close()
-    return [{"method": m, "length": length, "depth": depth, "trials": args.trials,
-             "successes": hits[(m, length, depth)]}
-            for m in methods for length in lengths for depth in depths]
+    return [rows[(m, length, depth, trial)] for m in methods for length in lengths for depth in depths
+            for trial in range(args.trials)]
 
 
 def write_results(output: Path, rows: list[dict], labels: dict[str, str], num_slots: int) -> str:
@@ -196,7 +206,7 @@ def main(args, ev) -> None:
     import lococo
 
     from . import assets
-    from .evaluate import method_cache, method_label
+    from .methods import method_cache, method_label
 
     def make_cache(method: str):
         return method_cache(method, args, ev)
