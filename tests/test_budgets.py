@@ -218,3 +218,88 @@ def test_build_cache_takes_budgets_in_every_form(tmp_path):
     assert lococo.build_cache("lococo", model).compressor is compressor
     with pytest.raises(ValueError, match="3 per-layer budgets; the model has 2"):
         lococo.build_cache("h2o", tiny_model("llama"), num_slots=file)
+
+
+# --- the recipes: calibrate, distill and eval with budgets ---------------------------------------
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny byte-level Llama saved like a checkpoint, and a document of a few hundred tokens."""
+    from hf_models import save_model_and_document
+
+    root = tmp_path_factory.mktemp("budgets")
+    return root, save_model_and_document(root, seed=90, words=80)
+
+
+def test_calibrate_writes_budgets_that_eval_and_distill_take(saved, capsys):
+    from lococo.recipes import cli
+
+    root, doc = saved
+    out = root / "calibrated"
+    assert cli.main(["calibrate", "--model", str(root / "model"), "--docs", doc, "--max-tokens", "160",
+                     "--grid", "8,12,16,24,32", "--mean", "12,16", "--floor", "8", "--num-local", "2", "--beta", "2",
+                     "-B", "8", "--output", str(out)]) == 0
+    budgets = Budgets.load(out / "budgets-m12.json")
+    assert budgets.total == 2 * 12 and min(budgets.num_slots) >= 8 and budgets.source == "calibrated"
+    curves = budgets.details["errors"]
+    assert len(curves) == 2 and all(len(c) == 5 and c[0] > c[-1] >= 0 for c in curves)
+    assert budgets.details["documents"] == [doc] and budgets.model["num_layers"] == 2
+    assert (out / "budgets.png").stat().st_size > 0 and (out / "curves.csv").is_file()
+    # the allocation is the marginal-gain allocation of the recorded curves
+    assert list(budgets.num_slots) == allocate(budgets.details["grid"], curves, 24, 8, step=4)
+
+    # distill trains each layer at its own M
+    assert cli.main(["distill", "--output", str(root / "run"), "--model", str(root / "model"), "--docs", doc,
+                     "--budgets", str(out / "budgets-m12.json"), "-B", "4", "--beta", "2", "--kernel-size", "3",
+                     "--num-local", "2", "--seq-len", "64", "--sequences", "1", "--compare-every", "1",
+                     "--no-progress"]) == 0
+    trained = lococo.LoCoCoCompressor.from_pretrained(root / "run")
+    assert trained.config.num_slots == budgets.num_slots
+    assert [layer.num_fused for layer in trained.layers] == [trained.config.layer(i).num_fused for i in range(2)]
+
+    # eval: the baselines take the budgets (those of the compressor by default) and report their bytes
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", str(root / "model"), "--docs", doc, "--compressor", str(root / "run"),
+                     "--methods", "lococo,h2o,streaming", "--max-tokens", "96", "--buckets", "0,32,96", "-B", "8",
+                     "--beta", "2", "--num-local", "2", "--bootstrap", "0", "--no-progress",
+                     "--output", str(root / "eval")]) == 0
+    import csv
+
+    with open(root / "eval" / "methods.csv") as handle:
+        rows = {row["method"]: row for row in csv.DictReader(handle)}
+    expected = " ".join(map(str, budgets.num_slots))
+    assert all(rows[m]["slots_per_layer"] == expected for m in ("lococo", "h2o", "streaming"))
+    slot_bytes = 2 * 16 * 2 * 4     # 2 KV heads, head_dim 16, K and V, float32
+    assert int(rows["h2o"]["slot_kv_bytes"]) == budgets.total * slot_bytes
+    assert "H2O (2 recent, compressor's budgets)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):   # the baselines at other budgets than LoCoCo's compressor
+        cli.main(["eval", "--model", str(root / "model"), "--docs", doc, "--compressor", str(root / "run"),
+                  "--budgets", "pyramid", "--output", str(root / "eval2")])
+    assert cli.main(["eval", "--model", str(root / "model"), "--docs", doc, "--methods", "h2o", "-M", "12",
+                     "--budgets", "pyramid", "--max-tokens", "96", "--buckets", "0,32,96", "-B", "8", "--beta", "2",
+                     "--bootstrap", "0", "--no-progress", "--output", str(root / "eval3")]) == 0
+    with open(root / "eval3" / "methods.csv") as handle:
+        row = next(csv.DictReader(handle))
+    assert row["budgets"] == "PyramidKV" and sum(map(int, row["slots_per_layer"].split())) == 24
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
+def test_calibrated_budgets_load_in_build_cache_for_each_family(arch, tmp_path):
+    import argparse
+
+    from lococo.recipes import calibrate
+
+    model = tiny_model(arch, "sdpa", seed=92, num_hidden_layers=3)
+    args = argparse.Namespace(method="h2o", grid=[8, 12, 16, 24], beta=2, num_local=2, chunk_size=8)
+    docs = [("random", random_ids(1, 120, seed=93)[0].tolist())]
+    errors = calibrate.measure_curves(args, model, docs)
+    assert len(errors) == 3 and all(curve[0] >= curve[-1] for curve in errors)
+    file = Budgets(tuple(allocate(args.grid, errors, 3 * 12, 8)), source="calibrated").save(tmp_path / "b.json")
+    lococo.apply_lococo(model)
+    cache = lococo.build_cache("h2o", model, num_slots=file, beta=2, num_local=2)
+    assert cache.num_slots == list(Budgets.load(file).num_slots)
+    ids = random_ids(2, 40, seed=94)
+    mask = torch.ones_like(ids)
+    mask[1, :10] = 0
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=8, **cache_kw(model, cache))
+    assert out.sequences.shape == (2, 48) and cache.num_compressions >= 1

@@ -4,6 +4,7 @@
     lococo assets status [--full]
     lococo assets split [--output FILE] [--min-tokens N]
     lococo train --output DIR [...]          (see `lococo train --help`)
+    lococo calibrate --output DIR [...]      per-layer budgets (see `lococo calibrate --help`)
     lococo eval --compressor DIR [...]       (see `lococo eval --help`)
     lococo passkey --compressor DIR [...]    the passkey task, as `eval --task passkey` (see `lococo passkey --help`)
     lococo demo [--tokens N]                 the full cache against LoCoCo on a real model
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--min-tokens", type=positive_int, default=4096, help="shortest document kept")
     split.set_defaults(func=_assets_split)
 
-    from . import demo, distill, evaluate, train
+    from . import calibrate, demo, distill, evaluate, train
     train_parser = commands.add_parser("train", help="train the compressors on a frozen LLM",
                                        description=train.__doc__,
                                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
     distill.add_arguments(distill_parser)
     distill_parser.set_defaults(func=distill.main, validate=distill.validate)
+    calibrate_parser = commands.add_parser("calibrate", help="per-layer slot budgets from the model's own error "
+                                           "curves (no training)", description=calibrate.__doc__,
+                                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    calibrate.add_arguments(calibrate_parser)
+    calibrate_parser.set_defaults(func=calibrate.main, validate=calibrate.validate)
     eval_parser = commands.add_parser("eval", help="perplexity by position: full cache, LoCoCo, "
                                       "H2O, StreamingLLM", description=evaluate.__doc__,
                                       formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -66,7 +66,7 @@ class ReplayError:
 
 
 def replay(layer, record, attention_module, chunk_size: int, *, lookahead: bool = False, step_every: int = 0,
-           on_update=None) -> ReplayError:
+           on_update=None, scale=None) -> ReplayError:
     """``layer`` (a fresh fixed-slot cache layer) over one recorded layer, chunk by chunk, as at inference.
 
     The attention is ``biased_attention`` (which the scored attention functions use too), so that
@@ -75,6 +75,8 @@ def replay(layer, record, attention_module, chunk_size: int, *, lookahead: bool 
     ``on_update()`` is called every ``step_every`` of them (and once at the end). ``lookahead``
     compresses with the scores that the coming chunk's own queries give the stored entries instead of
     the previous chunk's: an oracle no cache can run, the best a one-chunk selection can do.
+    ``scale`` [b, T] (a squared norm per token, e.g. of the residual stream) replaces the reference's
+    squared norm in each chunk's denominator.
     """
     import torch
 
@@ -110,7 +112,8 @@ def replay(layer, record, attention_module, chunk_size: int, *, lookahead: bool 
             if layer.num_compressions:
                 reference = target[:, start:stop] @ w_o.T
                 out = out.reshape(b, stop - start, heads * d) @ w_o.T
-                error = (out - reference).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-12)
+                norm = reference.pow(2).sum() if scale is None else scale[:, start:stop].sum()
+                error = (out - reference).pow(2).sum() / norm.clamp_min(1e-12)
                 if train and error.requires_grad:
                     error.backward()
                     pending += 1
