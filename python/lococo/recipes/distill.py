@@ -61,7 +61,7 @@ RESUMABLE_CHANGES = ("docs", "split_file", "max_docs", "dtype", "seq_len", "sequ
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from . import run_folder
-    from .argtypes import fraction, non_negative_int, positive_int, positive_real
+    from .argtypes import fraction, int_at_least, non_negative_int, positive_int, positive_real
     from .train import add_model_and_compressor_arguments
 
     lococo = add_model_and_compressor_arguments(
@@ -85,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--alpha-range", choices=["clamp", "free"], default="clamp",
                      help="clamp: alpha projected onto [0, 1] after every update; free: the original")
     opt.add_argument("--max-grad-norm", type=positive_real, default=1.0, help="per-layer gradient clipping")
-    opt.add_argument("--seed", type=non_negative_int, default=0)
+    opt.add_argument("--seed", type=int_at_least(0, 2**32 - 1), default=0, help="seed of the window order")
     out = parser.add_argument_group("logging and checkpoints")
     out.add_argument("--compare-every", type=non_negative_int, default=4,
                      help="every N sequences, also measure H2O's error on the same sequence (0: never)")
