@@ -38,6 +38,7 @@ from lococo.recipes.evaluate import bucket_label
 from lococo.recipes.methods import METHODS, method_label
 
 BASELINES = ("h2o", "tova", "streaming")
+BUDGET_NAMES: dict[str, str] = {}   # slots per layer -> the name a run gave those budgets
 
 
 def label(method: str, local: int, budgets: str = "") -> str:
@@ -55,6 +56,12 @@ def read_run(folder: Path) -> tuple[dict, dict, dict]:
         methods = {row["method"]: row for row in csv.DictReader(handle)}
     local = {method: int(row.get("num_local") or 0) for method, row in methods.items()}
     budgets = {method: row.get("budgets") or "" for method, row in methods.items()}
+    # LoCoCo's budgets are named "compressor's" in its run; rows of other runs with the same slots name them
+    for method, row in methods.items():
+        if budgets[method] == "compressor's" and row.get("slots_per_layer"):
+            budgets[method] = BUDGET_NAMES.get(row["slots_per_layer"], budgets[method])
+        elif budgets[method] and row.get("slots_per_layer"):
+            BUDGET_NAMES.setdefault(row["slots_per_layer"], budgets[method])
     memory = {}
     for method, row in methods.items():
         if not row["num_slots"]:
@@ -80,6 +87,8 @@ def read_run(folder: Path) -> tuple[dict, dict, dict]:
 
 def merge(folders: list[Path]) -> tuple[dict, dict, dict]:
     scope, merged, memory = None, {}, {}
+    for folder in folders:   # a first pass learns the names of the budgets
+        read_run(folder)
     for folder in folders:
         run_scope, results, run_memory = read_run(folder)
         memory.update(run_memory)

@@ -10,7 +10,7 @@ import torch
 from slot_loop import SlotLoop, greedy_decode, left_padded
 
 import lococo
-from lococo.budgets import Budgets, allocate, per_layer_slots, pyramid_slots
+from lococo.budgets import Budgets, allocate, per_layer_slots, proportional_slots, pyramid_slots
 from lococo.compressor import CONFIG_FILE
 from lococo.hf import get_output_cache
 
@@ -133,6 +133,16 @@ def test_allocate_spends_the_total_where_the_error_falls_most():
     assert slots[1] == floor   # the flat layer keeps the floor
     with pytest.raises(ValueError, match="outside"):
         allocate(grid, errors, 100, floor)
+
+
+def test_proportional_slots_follow_the_square_root_of_the_error_at_the_mean():
+    grid = [4, 8, 16]
+    errors = [[0.9, 0.4, 0.1], [0.2, 0.1, 0.05], [0.05, 0.025, 0.01]]   # at M = 8: 0.4, 0.1, 0.025 (ratios 16:4:1)
+    slots = proportional_slots(grid, errors, 24, floor=2)
+    assert sum(slots) == 24 and min(slots) >= 2
+    assert slots == [12, 7, 5]   # 2 + 18 x (4, 2, 1) / 7 = 12.3, 7.1, 4.6, rounded by largest remainder to 24
+    with pytest.raises(ValueError, match="floor x layers <= total"):
+        proportional_slots(grid, errors, 5, floor=2)
 
 
 def test_pyramid_shape_keeps_the_mean():

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Budgets", "allocate", "per_layer_slots", "pyramid_slots"]
+__all__ = ["Budgets", "allocate", "per_layer_slots", "proportional_slots", "pyramid_slots"]
 
 FILE_FORMAT = "lococo-budgets"
 FORMAT_VERSION = 1
@@ -269,3 +269,22 @@ def allocate(grid: Sequence[int], errors: Sequence[Sequence[float]], total: int,
         slots[best] += take
         left -= take
     return slots
+
+
+def proportional_slots(grid: Sequence[int], errors: Sequence[Sequence[float]], total: int, floor: int,
+                       power: float = 0.5) -> list[int]:
+    """Per-layer M: ``floor`` each, the rest of ``total`` in proportion to error ** ``power`` at the mean M.
+
+    The error of each layer is read off its curve (linear between grid points) at M = total / layers.
+    A softer rule than ``allocate``: with ``power`` < 1 the layers whose error barely falls with more
+    slots (the largest ones, often) do not take the whole budget.
+    """
+    num_layers = len(errors)
+    if num_layers < 1 or floor * num_layers > total or not 0 < power <= 1:
+        raise ValueError(f"proportional budgets need layers, floor x layers <= total and power in (0, 1], got "
+                         f"{num_layers}, {floor}, {total}, {power}")
+    at_mean = [_interpolate(list(grid), list(curve), total / num_layers) ** power for curve in errors]
+    spare = total - floor * num_layers
+    weight = sum(at_mean)
+    shares = [floor + (spare * w / weight if weight else spare / num_layers) for w in at_mean]
+    return _round_to_total(shares, total, floor)

@@ -70,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--floor", type=positive_int, default=32,
                         help="fewest slots any layer gets (default 32: LoCoCo's H = M/2 must hold --num-local 16)")
     parser.add_argument("--step", type=positive_int, default=4, help="slots given at a time (default 4)")
+    parser.add_argument("--allocation", default="marginal", choices=["marginal", "sqrt-error"],
+                        help="marginal: each slot where it lowers the summed error most (default); sqrt-error: beyond "
+                             "the floor, in proportion to the square root of each layer's error at the mean M")
     parser.add_argument("--name", default=None, help="the budgets' name prefix in the files (default: the model's "
                         "folder name)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -192,6 +195,7 @@ def write_outputs(args, errors, allocations: dict[int, list[int]], docs, geometr
     details = {
         "method": args.method, "error": args.error, "num_local": args.num_local if args.method != "streaming" else 0,
         "beta": args.beta, "chunk_size": args.chunk_size, "floor": args.floor, "step": args.step,
+        "allocation": args.allocation,
         "documents": [doc for doc, _ in docs], "tokens_per_document": args.max_tokens, "dtype": args.dtype,
         "grid": args.grid, "errors": [[round(e, 6) for e in curve] for curve in errors], "seconds": round(seconds, 1),
     }
@@ -250,7 +254,7 @@ def main(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..budgets import allocate
+    from ..budgets import allocate, proportional_slots
     from ..compressor import ModelGeometry
     from . import assets
 
@@ -265,7 +269,10 @@ def main(args) -> int:
     allocations = {}
     for mean in args.mean:
         try:
-            allocations[mean] = allocate(args.grid, errors, mean * geometry.num_layers, args.floor, step=args.step)
+            total = mean * geometry.num_layers
+            allocations[mean] = (allocate(args.grid, errors, total, args.floor, step=args.step)
+                                 if args.allocation == "marginal" else
+                                 proportional_slots(args.grid, errors, total, args.floor, power=0.5))
         except ValueError as exc:
             raise UsageError(f"--mean {mean}: {exc}") from None
     files = write_outputs(args, errors, allocations, docs, geometry, time.perf_counter() - started, name)
