@@ -313,3 +313,23 @@ def test_calibrated_budgets_load_in_build_cache_for_each_family(arch, tmp_path):
     mask[1, :10] = 0
     out = generate(model, ids, attention_mask=mask, max_new_tokens=8, **cache_kw(model, cache))
     assert out.sequences.shape == (2, 48) and cache.num_compressions >= 1
+
+
+def test_cache_implementation_after_apply_lococo_works_or_is_refused():
+    model = three_layer_model("sdpa", seed=95)
+    compressor = tiny_compressor(model, seed=96, num_slots=BUDGETS, beta=BETA)
+    lococo.apply_lococo(model, compressor)
+    ids = random_ids(1, 40, seed=97)
+    want = generate(model, ids, max_new_tokens=10)
+    got = generate(model, ids, max_new_tokens=10, cache_implementation="lococo")
+    assert torch.equal(got.sequences, want.sequences) and isinstance(get_output_cache(got), lococo.LoCoCoCache)
+    for implementation in ("static", "dynamic", "offloaded"):
+        with pytest.raises(ValueError, match=f"cache_implementation='{implementation}'.*without LoCoCo"):
+            generate(model, ids, max_new_tokens=3, cache_implementation=implementation)
+    model.generation_config.cache_implementation = "static"
+    with pytest.raises(ValueError, match="it comes from model.generation_config"):
+        generate(model, ids, max_new_tokens=3)
+    model.generation_config.cache_implementation = None
+    lococo.apply_lococo(model)   # no compressor: "lococo" has nothing to build from
+    with pytest.raises(ValueError, match="needs a compressor"):
+        generate(model, ids, max_new_tokens=3, cache_implementation="lococo")

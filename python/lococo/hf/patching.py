@@ -7,7 +7,9 @@ What it changes on the model instance (``remove_lococo`` undoes all of it):
 - a forward pre-hook on the decoder that tells a fixed-slot cache which new tokens are padding,
   and that gives plain forwards a ``LoCoCoCache`` when they would otherwise build a DynamicCache;
 - ``model.generate``: an instance attribute that passes a fresh ``LoCoCoCache`` when the caller
-  gives no cache (``cache=`` in transformers 5.24, ``past_key_values=`` before).
+  gives no cache (``cache=`` in transformers 5.24, ``past_key_values=`` before), also for
+  ``cache_implementation="lococo"``; another ``cache_implementation`` (which would build transformers'
+  own cache and silently drop LoCoCo) is refused.
 """
 
 from __future__ import annotations
@@ -153,8 +155,20 @@ def _generate(model, *args, **kwargs):
             kwargs["cache"] = old
     gen_config = kwargs.get("generation_config") or model.generation_config
     wants_cache = kwargs.get("use_cache", getattr(gen_config, "use_cache", True)) is not False
-    default_cache = kwargs.get("cache_implementation", getattr(gen_config, "cache_implementation", None)) is None
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    implementation = kwargs.get("cache_implementation", getattr(gen_config, "cache_implementation", None))
+    if implementation == "lococo":   # transformers does not know the name: the patch gives the cache itself
+        if state.compressor is None:
+            raise ValueError("generate(cache_implementation='lococo') needs a compressor: "
+                             "lococo.apply_lococo(model, compressor)")
+        kwargs["cache_implementation"] = implementation = None
+    elif implementation is not None and cache is None and state.compressor is not None and wants_cache:
+        raise ValueError(
+            f"generate(cache_implementation={implementation!r}) would build transformers' own cache and run without "
+            "LoCoCo on a model that lococo.apply_lococo patched: leave cache_implementation unset (or 'lococo'), pass "
+            "cache= explicitly, or lococo.remove_lococo(model) first"
+            + (" (it comes from model.generation_config)" if "cache_implementation" not in kwargs else ""))
+    default_cache = implementation is None
     if cache is None and state.compressor is not None and wants_cache and default_cache:
         cache = kwargs[state.cache_kwarg] = LoCoCoCache(state.compressor)
     chunk = _prefill_chunk(cache, state.compressor)
