@@ -165,7 +165,7 @@ def _with_layer(module, query, key, value, attention_mask, dropout, scaling, pla
     the layer's own (``fit_mask``), since transformers built the one it passes for the first layer.
     """
     layer, wants_scores = _claim(key)
-    if layer is not None:
+    if hasattr(layer, "fit_mask"):   # a fixed-slot layer: its own mask (per-layer budgets)
         attention_mask = layer.fit_mask(attention_mask, query.shape[2])
     last_query = wants_scores and getattr(layer, "scores_from_last_query", False)
     if last_query:

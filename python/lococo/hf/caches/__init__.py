@@ -47,10 +47,12 @@ def build_cache(kind: str, model: nn.Module | PreTrainedConfig, compressor: LoCo
         if compressor is None:
             raise ValueError("build_cache('lococo', ...) needs a compressor, or a model that "
                              "lococo.apply_lococo(model, compressor) prepared")
-        if num_slots is not None:
-            raise ValueError("build_cache('lococo', ...) takes its slots from the compressor; num_slots is for the "
-                             "baselines")
         compressor.check_model(config)
+        num_layers = ModelGeometry.of(config).num_layers
+        own = compressor.config.slots_per_layer(num_layers)
+        if num_slots is not None and per_layer_slots(num_slots, num_layers) != own:
+            raise ValueError(f"build_cache('lococo', ...): num_slots differs from the compressor's ({own}); LoCoCo "
+                             "keeps its compressor's slots")
         return LoCoCoCache(compressor)
     num_layers = ModelGeometry.of(config).num_layers
     if compressor is not None:
