@@ -134,21 +134,18 @@ def per_layer_slots(num_slots, num_layers: int, name: str = "num_slots") -> list
     """M of each of ``num_layers`` layers from an int, a list, a ``Budgets`` or a budget file (path or shipped name)."""
     if isinstance(num_slots, (str, Path)):
         num_slots = Budgets.load(num_slots)
-    if isinstance(num_slots, Budgets):
-        num_slots.check_layers(num_layers, f"{name}")
-        return list(num_slots.num_slots)
-    if _is_int(num_slots):
+    elif _is_int(num_slots):
         if num_slots < 1:
             raise ValueError(f"{name} must be >= 1, got {num_slots}")
         return [num_slots] * num_layers
-    if isinstance(num_slots, Sequence):
-        slots = list(num_slots)
-        if len(slots) != num_layers:
-            raise ValueError(f"{name} gives {len(slots)} per-layer budgets; the model has {num_layers} decoder layers")
-        bad = [i for i, m in enumerate(slots) if not _is_int(m) or m < 1]
-        if bad:
-            raise ValueError(f"{name}[{bad[0]}] must be an int >= 1, got {slots[bad[0]]!r}")
-        return slots
+    elif isinstance(num_slots, Sequence):   # Budgets checks every entry
+        try:
+            num_slots = Budgets(tuple(num_slots))
+        except ValueError as exc:
+            raise ValueError(f"{name}{str(exc).removeprefix('Budgets: num_slots')}") from None
+    if isinstance(num_slots, Budgets):
+        num_slots.check_layers(num_layers, name)
+        return list(num_slots.num_slots)
     raise TypeError(f"{name} must be an int, a list of ints, a lococo.Budgets or a budget file, "
                     f"got {type(num_slots).__name__}")
 

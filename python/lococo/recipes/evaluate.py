@@ -125,19 +125,23 @@ def validate(args) -> None:
     check_writable(Path(args.output), "--output")
 
 
-def check_compressor_fits(geometry, model: str | None, assets_dir: str | None) -> None:
-    """The compressor's layers and head_dim against the model's config (read without its weights)."""
+def model_config(model: str | None, assets_dir: str | None):
+    """The model's transformers config (read without its weights): --model, else the fetched SmolLM2."""
     from transformers import AutoConfig
 
     from . import assets
 
     path = model or assets.model_dir(assets_dir)
     try:
-        model_config = AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise UsageError(f"--model {path}: {exc}") from None
+
+
+def check_compressor_fits(geometry, model: str | None, assets_dir: str | None) -> None:
+    """The compressor's layers and head_dim against the model's config (read without its weights)."""
     try:
-        geometry.require_fit(model_config, "--compressor")
+        geometry.require_fit(model_config(model, assets_dir), "--compressor")
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -152,20 +156,6 @@ def fill_defaults(args, config) -> None:
             setattr(args, name, value)
 
 
-def model_layers(args) -> int:
-    """The model's decoder layers, from its config (no weights loaded)."""
-    from transformers import AutoConfig
-
-    from ..compressor import ModelGeometry
-    from . import assets
-
-    path = args.model or assets.model_dir(args.assets_dir)
-    try:
-        return ModelGeometry.of(AutoConfig.from_pretrained(path)).num_layers
-    except (OSError, ValueError, TypeError) as exc:
-        raise UsageError(f"--model {path}: {exc}") from None
-
-
 def fill_budgets(args, config) -> None:
     """args.num_slots becomes the baselines' slots (an int, or one per layer) and args.budgets_label their name.
 
@@ -178,7 +168,12 @@ def fill_budgets(args, config) -> None:
         return
     if args.budgets is None:
         return
-    num_layers = model_layers(args)
+    from ..compressor import ModelGeometry
+
+    try:
+        num_layers = ModelGeometry.of(model_config(args.model, args.assets_dir)).num_layers
+    except TypeError as exc:
+        raise UsageError(f"--model: {exc}") from None
     try:
         args.num_slots, args.budgets_label = resolve_budgets(args.budgets, num_layers, args.num_slots,
                                                              floor=max(args.num_local + 1, 4))
@@ -528,9 +523,8 @@ def report(args, ev: Evaluation, totals: dict[str, Totals]) -> None:
     for method, total in totals.items():
         slots = method_slots(method, args, ev, geometry.num_layers)
         m_slots = None if slots is None else round(sum(slots) / len(slots))
-        budgets = None if slots is None or len(set(slots)) == 1 else (
-            args.budgets_label if method != "lococo" else "compressor's" if args.budgets_label is None
-            else args.budgets_label)
+        # per-layer slots always come with a label, but LoCoCo's own when the baselines were given none
+        budgets = None if slots is None or len(set(slots)) == 1 else args.budgets_label or "compressor's"
         intervals = bootstrap_intervals(total.per_document, args.bootstrap, seed=0)
         for label, lo, hi, loss_sum, n, (ppl_low, ppl_high) in zip(
                 labels + ["all"], edges[:-1] + [edges[0]], edges[1:] + [edges[-1]],
