@@ -91,10 +91,12 @@ class SlotLoop:
 
     ``policy`` is "h2o" or "tova" (``num_local``), "streaming" (``num_sink``) or "lococo" (``compressor``).
     ``num_slots`` is one M for every layer or a list with one per layer (per-layer budgets).
+    ``round_slots(keys, values)``, when given, rounds the slots of each compression ([b, h, M, d] each) as
+    a quantized storage would (``test_quantized_slots.rounded``).
     """
 
     def __init__(self, model, policy: str, num_slots: int, beta: int, num_local: int = 0, num_sink: int = 4,
-                 compressor=None):
+                 compressor=None, round_slots=None):
         self.model, self.policy = model, policy
         n_layers = len(model.model.layers)
         self.slots = list(num_slots) if isinstance(num_slots, (list, tuple)) else [num_slots] * n_layers
@@ -105,6 +107,7 @@ class SlotLoop:
         self.valid: list[torch.Tensor | None] = [None] * n_layers    # [b, L] bool
         self.scores: list[torch.Tensor | None] = [None] * n_layers   # [b, kv_heads, L], latest call
         self.compressions = [0] * n_layers
+        self.round_slots = round_slots
 
     @property
     def num_compressions(self) -> int:
@@ -152,6 +155,8 @@ class SlotLoop:
             m = kept_k.shape[1]
             new_k[row, :, M - m:], new_v[row, :, M - m:] = kept_k, kept_v    # right-aligned, empty slots first
             new_valid[row, M - m:] = True
+        if self.round_slots is not None:
+            new_k, new_v = self.round_slots(new_k, new_v)
         self.keys[layer], self.values[layer], self.valid[layer] = new_k, new_v, new_valid
         self.compressions[layer] += 1
 

@@ -16,6 +16,7 @@ from .budgets import Budgets
 from .compressor import LayerCompressor, LoCoCoCompressor
 from .config import LoCoCoConfig
 from .ops import compiled, fuse_kv, has_kernel, kernel_devices, reference
+from .quantization import SlotQuantization
 
 try:
     from ._version import __version__
@@ -38,5 +39,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'lococo' has no attribute {name!r}")
 
 
-__all__ = ["Budgets", "LayerCompressor", "LoCoCoCompressor", "LoCoCoConfig", "__version__", "compiled", "fuse_kv",
-           "has_kernel", "kernel_devices", "reference", *_HF_EXPORTS]
+__all__ = ["Budgets", "LayerCompressor", "LoCoCoCompressor", "LoCoCoConfig", "SlotQuantization", "__version__",
+           "compiled", "fuse_kv", "has_kernel", "kernel_devices", "reference", *_HF_EXPORTS]

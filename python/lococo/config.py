@@ -9,6 +9,8 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .quantization import SlotQuantization
+
 __all__ = ["LoCoCoConfig"]
 
 _DEFAULT_RHO = 0.5
@@ -16,7 +18,7 @@ _DEFAULT_RHO = 0.5
 MAX_SLOTS = 1 << 20
 # Fields added after the first release of format 1, with the value that gives the behaviour of configs
 # saved before them; every other field must be present in a saved config.
-ADDED_FIELDS = {"slot_bias": False}
+ADDED_FIELDS = {"slot_bias": False, "quantization": None}
 
 
 def _fail(message: str) -> None:
@@ -54,6 +56,9 @@ class LoCoCoConfig:
             that slot while it is stored (an extension of the paper; off by default). A fused slot stands
             for many entries but attention weighs it as one key: the logit lets training give it the
             share of attention its entries drew.
+        quantization: how the compressed slots are stored (docs/design.md#quantized-slots): None (the
+            model's dtype), 8 or 4 bits, or a ``lococo.SlotQuantization``. A compressor trained with
+            quantized slots carries it, so that its cache stores them the same way.
 
     ``num_heavy`` (H) and ``num_fused`` (C) are read as properties; ``rho`` is what is stored. With
     per-layer budgets every layer has its own M, H and C: ``layer(i)`` is layer i's config (one int M).
@@ -68,10 +73,11 @@ class LoCoCoConfig:
     init_std: float = 1.0
     chunk_size: int = 128
     slot_bias: bool = False
+    quantization: SlotQuantization | None = None
 
     def __init__(self, num_slots: int | Sequence[int] = 128, rho: float = _DEFAULT_RHO, num_heavy: int | None = None,
                  beta: int = 16, kernel_size: int = 21, num_local: int = 0, alpha_init: float = 0.5,
-                 init_std: float = 1.0, chunk_size: int = 128, slot_bias: bool = False):
+                 init_std: float = 1.0, chunk_size: int = 128, slot_bias: bool = False, quantization=None):
         num_slots = getattr(num_slots, "num_slots", num_slots)  # a lococo.Budgets
         if isinstance(num_slots, Sequence) and not isinstance(num_slots, str):
             _need(len(num_slots) >= 1 and all(_is_int(m) for m in num_slots),
@@ -88,6 +94,10 @@ class LoCoCoConfig:
                             ("num_local", num_local), ("chunk_size", chunk_size)):
             _need(_is_int(value), f"{name} must be an int, got {value!r}")
         _need(isinstance(slot_bias, bool), f"slot_bias must be true or false, got {slot_bias!r}")
+        try:
+            quantization = SlotQuantization.of(quantization)
+        except ValueError as exc:
+            _fail(str(exc))
         for name, value in (("rho", rho), ("alpha_init", alpha_init), ("init_std", init_std)):
             _need(isinstance(value, (int, float)) and not isinstance(value, bool),
                   f"{name} must be a number, got {value!r}")
@@ -102,7 +112,8 @@ class LoCoCoConfig:
             rho = (num_slots - num_heavy) / num_slots
         for name, value in (("num_slots", num_slots), ("rho", float(rho)), ("beta", beta),
                             ("kernel_size", kernel_size), ("num_local", num_local), ("alpha_init", alpha_init),
-                            ("init_std", init_std), ("chunk_size", chunk_size), ("slot_bias", slot_bias)):
+                            ("init_std", init_std), ("chunk_size", chunk_size), ("slot_bias", slot_bias),
+                            ("quantization", quantization)):
             object.__setattr__(self, name, value)
         self._validate()
 

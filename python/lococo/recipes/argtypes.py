@@ -126,3 +126,38 @@ def check_writable(folder: Path, flag: str) -> None:
         probe.unlink()
     except OSError as exc:
         raise UsageError(f"{flag} {folder} cannot be written: {exc.strerror or exc}") from None
+
+
+def add_slot_storage(parser, default: str = "16") -> None:
+    """--kv-bits, --kv-group, --kv-key-axis, --kv-format: how the compressed slots are stored (``slot_storage``)."""
+    group = parser.add_argument_group("slot storage (docs/design.md#quantized-slots)")
+    group.add_argument("--kv-bits", type=int, choices=[16, 8, 4], default=None,
+                       help=f"bits per stored slot value: 16 (the model's dtype), 8 or 4 (default: {default})")
+    group.add_argument("--kv-group", type=int_at_least(1), default=None,
+                       help="values per 16-bit scale (default 64 at 8 bits, 32 at 4)")
+    group.add_argument("--kv-key-axis", default="token", choices=["token", "channel"],
+                       help="keys scaled per token (a group of channels) or per channel (a group of slots)")
+    group.add_argument("--kv-format", default="int", choices=["int", "fp8"], help="8-bit codes: int8 or fp8 e4m3")
+
+
+def slot_storage(args, head_dim: int | None):
+    """The storage ``add_slot_storage``'s flags ask for: None (no --kv-bits), False (--kv-bits 16) or a
+    ``lococo.SlotQuantization`` that fits ``head_dim``; UsageError naming the flag otherwise."""
+    from ..quantization import SlotQuantization
+
+    given = [f"--{flag}" for flag, default in (("kv-group", None), ("kv-key-axis", "token"), ("kv-format", "int"))
+             if getattr(args, flag.replace("-", "_")) != default]
+    if args.kv_bits in (None, 16):
+        if given:
+            raise UsageError(f"{', '.join(given)} set how quantized slots are stored: give --kv-bits 8 or 4 too")
+        return None if args.kv_bits is None else False
+    try:
+        spec = SlotQuantization(args.kv_bits, args.kv_group, args.kv_key_axis, args.kv_format)
+    except ValueError as exc:
+        raise UsageError(f"--kv-bits {args.kv_bits}: {exc}") from None
+    try:
+        if head_dim is not None:   # None: checked when the cache meets the model's keys
+            spec.check(head_dim)
+    except ValueError as exc:
+        raise UsageError(f"--kv-group: {exc}") from None
+    return spec

@@ -13,6 +13,10 @@ whose attention adds little to the stream counts for little. A total of --mean x
 then spent by marginal gain: every layer starts at --floor, and each slot goes to the layer whose
 measured error curve (its convex envelope, linear between grid points) it lowers most.
 
+With --kv-bits 8 or 4 the replayed caches store their slots quantized (docs/design.md#quantized-slots), so
+that the curves include the rounding. With --curves FILE nothing is measured: the curves (and the settings
+they were measured with) come from an earlier budget file, and only the allocation at each --mean runs.
+
 Calibration text is the training split (never the test documents) or your own files (--docs).
 Needs no training. Writes into --output: one budget file per --mean (budgets-m<MEAN>.json, for
 --budgets of eval, distill and build_cache), curves.csv (every layer's error at every M),
@@ -29,7 +33,16 @@ import sys
 import time
 from pathlib import Path
 
-from .argtypes import UsageError, add_assets_dir, check_writable, int_at_least, non_negative_int, positive_int
+from .argtypes import (
+    UsageError,
+    add_assets_dir,
+    add_slot_storage,
+    check_writable,
+    int_at_least,
+    non_negative_int,
+    positive_int,
+    slot_storage,
+)
 
 CALIBRATED_METHODS = ("h2o", "tova", "streaming")
 DEFAULT_GRID = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
@@ -77,10 +90,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "folder name)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="dtype of the model's forward (the replay runs in float32)")
+    parser.add_argument("--curves", default=None, metavar="FILE",
+                        help="allocate from the curves of an earlier budget file (path or shipped name) instead of "
+                             "measuring; the settings they were measured with are that file's")
+    add_slot_storage(parser)
     parser.add_argument("--output", required=True, help="output folder")
 
 
 def validate(args) -> None:
+    if args.curves is not None:
+        take_curves(args)
     args.grid = sorted(set(args.grid))
     if len(args.grid) < 2:
         raise UsageError("--grid needs at least two values of M")
@@ -97,7 +116,38 @@ def validate(args) -> None:
     for path in args.docs or []:
         if not Path(path).is_file():
             raise UsageError(f"--docs {path}: no such file")
+    head_dim = None
+    if args.kv_bits in (8, 4):
+        from ..compressor import ModelGeometry
+        from .evaluate import model_config
+
+        head_dim = ModelGeometry.of(model_config(args.model, args.assets_dir)).head_dim
+    args.quantization = slot_storage(args, head_dim) or None
     check_writable(Path(args.output), "--output")
+
+
+# the settings a budget file's curves were measured with, restored by --curves
+MEASURED_WITH = {"method": "method", "error": "error", "num_local": "num_local", "beta": "beta",
+                 "chunk_size": "chunk_size", "dtype": "dtype", "max_tokens": "tokens_per_document", "grid": "grid"}
+
+
+def take_curves(args) -> None:
+    """--curves: the grid, errors and settings of an earlier budget file (args.curve_errors, args.docs_measured)."""
+    from ..budgets import Budgets
+
+    if args.docs or args.kv_bits is not None:
+        raise UsageError("--curves allocates from curves already measured: --docs and --kv-bits do not apply")
+    try:
+        details = Budgets.load(args.curves).details or {}
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--curves: {exc}") from None
+    if "errors" not in details or "grid" not in details:
+        raise UsageError(f"--curves {args.curves}: the file holds no calibration curves (details.grid, details.errors)")
+    for arg, key in MEASURED_WITH.items():
+        if key in details:
+            setattr(args, arg, details[key])
+    args.kv_bits, args.kv_storage_label = None, details.get("kv_storage")
+    args.curve_errors, args.docs_measured = details["errors"], details.get("documents", [])
 
 
 def calibration_documents(args, tokenizer) -> list[tuple[str, list[int]]]:
@@ -134,11 +184,12 @@ def calibration_documents(args, tokenizer) -> list[tuple[str, list[int]]]:
 def cache_layer(method: str, num_slots: int, args):
     from ..hf.caches.baselines import H2OLayer, StreamingLLMLayer, TOVALayer
 
+    storage = getattr(args, "quantization", None)
     if method == "h2o":
-        return H2OLayer(num_slots, args.beta, args.num_local)
+        return H2OLayer(num_slots, args.beta, args.num_local, storage)
     if method == "tova":
-        return TOVALayer(num_slots, args.beta, args.num_local)
-    return StreamingLLMLayer(num_slots, args.beta)
+        return TOVALayer(num_slots, args.beta, args.num_local, storage)
+    return StreamingLLMLayer(num_slots, args.beta, quantization=storage)
 
 
 def measure_curves(args, model, docs) -> list[list[float]]:
@@ -195,14 +246,15 @@ def write_outputs(args, errors, allocations: dict[int, list[int]], docs, geometr
     details = {
         "method": args.method, "error": args.error, "num_local": args.num_local if args.method != "streaming" else 0,
         "beta": args.beta, "chunk_size": args.chunk_size, "floor": args.floor, "step": args.step,
-        "allocation": args.allocation,
+        "allocation": args.allocation, "kv_storage": storage_label(args),
         "documents": [doc for doc, _ in docs], "tokens_per_document": args.max_tokens, "dtype": args.dtype,
         "grid": args.grid, "errors": [[round(e, 6) for e in curve] for curve in errors], "seconds": round(seconds, 1),
     }
     files = []
     for mean, slots in allocations.items():
         budgets = Budgets(tuple(slots), source="calibrated", model=geometry.__dict__,
-                          details={**details, "name": f"{name}-{args.method}-m{mean}", "mean_slots": mean})
+                          details={**details, "name": f"{name}-{args.method}{storage_suffix(args)}-m{mean}",
+                                   "mean_slots": mean})
         files.append(budgets.save(out / f"budgets-m{mean}.json"))
 
     means = list(allocations)
@@ -223,6 +275,17 @@ def write_outputs(args, errors, allocations: dict[int, list[int]], docs, geometr
     (out / "calibrate.md").write_text("\n".join(lines) + "\n")
     plot(out / "budgets.png", args.grid, errors, allocations, name)
     return files
+
+
+def storage_label(args) -> str | None:
+    """The slots' storage the curves were measured with (None: the model's dtype)."""
+    quantization = getattr(args, "quantization", None)
+    return quantization.label() if quantization else getattr(args, "kv_storage_label", None)
+
+
+def storage_suffix(args) -> str:
+    quantization = getattr(args, "quantization", None)
+    return f"-{quantization.short_name}" if quantization else ""
 
 
 def plot(path: Path, grid, errors, allocations: dict[int, list[int]], name: str) -> None:
@@ -252,7 +315,7 @@ def plot(path: Path, grid, errors, allocations: dict[int, list[int]], name: str)
 def main(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from ..budgets import allocate, proportional_slots
     from ..compressor import ModelGeometry
@@ -260,12 +323,19 @@ def main(args) -> int:
 
     started = time.perf_counter()
     model_path = args.model or assets.model_dir(args.assets_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    docs = calibration_documents(args, tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, args.dtype)).eval()
-    geometry = ModelGeometry.of(model)
     name = args.name or Path(str(model_path)).name
-    errors = measure_curves(args, model, docs)
+    if args.curves is not None:
+        geometry = ModelGeometry.of(AutoConfig.from_pretrained(model_path))
+        if len(args.curve_errors) != geometry.num_layers:
+            raise UsageError(f"--curves {args.curves} has curves for {len(args.curve_errors)} layers, the model "
+                             f"{geometry.num_layers}")
+        docs, errors = [(doc, None) for doc in args.docs_measured], args.curve_errors
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        docs = calibration_documents(args, tokenizer)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, args.dtype)).eval()
+        geometry = ModelGeometry.of(model)
+        errors = measure_curves(args, model, docs)
     allocations = {}
     for mean in args.mean:
         try:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -53,7 +54,7 @@ DEFAULT_LR = 1e-2
 
 # Arguments that fix the compressor (its geometry, its start): a resume cannot change them.
 FROZEN = ("model", "num_slots", "budgets", "rho", "kernel_size", "chunk_size", "beta", "num_local", "slot_bias",
-          "alpha_init", "init_std", "init_from")
+          "alpha_init", "init_std", "init_from", "kv_bits", "kv_group", "kv_key_axis", "kv_format")
 # Arguments that change what the rest of the run does: a resume changes them only when asked.
 RESUMABLE_CHANGES = ("docs", "split_file", "max_docs", "dtype", "seq_len", "sequences", "batch_size",
                      "update_every", "lr", "warmup", "alpha_range", "max_grad_norm", "seed")
@@ -61,7 +62,7 @@ RESUMABLE_CHANGES = ("docs", "split_file", "max_docs", "dtype", "seq_len", "sequ
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from . import run_folder
-    from .argtypes import fraction, int_at_least, non_negative_int, positive_int, positive_real
+    from .argtypes import add_slot_storage, fraction, int_at_least, non_negative_int, positive_int, positive_real
     from .train import add_model_and_compressor_arguments
 
     lococo = add_model_and_compressor_arguments(
@@ -72,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lococo.add_argument("--budgets", default=None, metavar="FILE",
                         help="per-layer slots instead of --num-slots everywhere: a budget file (`lococo calibrate`) "
                              "or a shipped name; each layer trains at its own M")
+    add_slot_storage(parser)   # the compressor trains with its slots rounded as they will be stored (straight-through)
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--init-from", default=None, metavar="FOLDER",
                      help="start from this compressor (a folder or a shipped name; same geometry), not a fresh one")
@@ -233,11 +235,13 @@ def new_config(args):
     """The config of a fresh compressor: --num-slots in every layer, or the per-layer slots of --budgets."""
     from ..budgets import Budgets
     from ..config import LoCoCoConfig
+    from .argtypes import slot_storage
 
     slots = args.num_slots if args.budgets is None else Budgets.load(args.budgets).num_slots
     return LoCoCoConfig(num_slots=slots, rho=args.rho, beta=args.beta, kernel_size=args.kernel_size,
                         num_local=args.num_local, alpha_init=args.alpha_init, init_std=args.init_std,
-                        chunk_size=args.chunk_size, slot_bias=args.slot_bias)
+                        chunk_size=args.chunk_size, slot_bias=args.slot_bias,
+                        quantization=slot_storage(args, None) or None)
 
 
 def build_compressor(args, model, plan: run_folder.RunPlan):
@@ -259,6 +263,10 @@ def build_compressor(args, model, plan: run_folder.RunPlan):
         compressor.to(next(model.parameters()).device)
     elif args.init_from:
         compressor = LoCoCoCompressor.from_pretrained(args.init_from, model=model, dtype=torch.float32)
+        if args.kv_bits is not None:   # its weights, trained on for this storage
+            from .argtypes import slot_storage
+
+            compressor.config = dataclasses.replace(compressor.config, quantization=slot_storage(args, None) or None)
     else:
         try:
             compressor = LoCoCoCompressor.for_model(model, new_config(args))

@@ -32,14 +32,24 @@ from . import passkey
 from .argtypes import (
     UsageError,
     add_assets_dir,
+    add_slot_storage,
     bucket_edges,
     check_writable,
     choices_list,
     int_at_least,
     non_negative_int,
     positive_int,
+    slot_storage,
 )
-from .methods import BUDGET_SHAPES, KEEPS_RECENT, METHODS, method_cache, method_label, resolve_budgets
+from .methods import (
+    BUDGET_SHAPES,
+    KEEPS_RECENT,
+    METHODS,
+    method_cache,
+    method_label,
+    method_quantization,
+    resolve_budgets,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="per-layer slots of the baselines: a budget file (`lococo calibrate`) or a shipped name, "
                              f"or a shape at the mean M: {' or '.join(BUDGET_SHAPES)} (default: the compressor's "
                              "budgets, else uniform). LoCoCo always keeps its compressor's")
+    add_slot_storage(parser, default="the compressor's, else 16")
     parser.add_argument("--chunk-size", "-B", type=positive_int, default=None,
                         help="tokens per forward (default: the compressor's, else 128)")
     parser.add_argument("--beta", type=non_negative_int, default=None,
@@ -110,6 +121,7 @@ def validate(args) -> None:
             raise UsageError(f"--num-slots {args.num_slots} differs from the compressor's M = {mean_slots}"
                              + (" (mean of its per-layer budgets)" if config.per_layer else ""))
     fill_defaults(args, config)
+    fill_quantization(args)
     fill_budgets(args, config)
     check_baselines(args)
     if args.task == "passkey":
@@ -154,6 +166,19 @@ def fill_defaults(args, config) -> None:
             if name == "num_slots" and isinstance(value, tuple):   # per-layer budgets: their mean
                 value = round(sum(value) / len(value))
             setattr(args, name, value)
+
+
+def fill_quantization(args) -> None:
+    """args.quantization: None (no --kv-bits: the compressor's storage), False (16) or a SlotQuantization."""
+    from ..compressor import ModelGeometry
+
+    head_dim = None
+    if args.kv_bits in (8, 4):
+        try:
+            head_dim = ModelGeometry.of(model_config(args.model, args.assets_dir)).head_dim
+        except TypeError as exc:
+            raise UsageError(f"--model: {exc}") from None
+    args.quantization = slot_storage(args, head_dim)
 
 
 def fill_budgets(args, config) -> None:
@@ -227,6 +252,8 @@ def check_device(name: str) -> None:
 def stored_entries(cache) -> int:
     """Entries stored per layer, on average over the layers (with per-layer budgets they differ)."""
     def stored(layer) -> int:
+        if hasattr(layer, "stored_length"):   # fixed-slot layers: quantized slots and appended entries
+            return layer.stored_length
         keys = getattr(layer, "keys", None)
         return 0 if keys is None or not getattr(layer, "is_initialized", True) else keys.shape[-2]
     return round(sum(stored(layer) for layer in cache.layers) / len(cache.layers))
@@ -331,12 +358,16 @@ def write_results(output: Path, rows: list[dict], methods_rows: list[dict],
         writer.writerows(methods_rows)
 
     ppl = {(r["method"], r["bucket"]): r["ppl"] for r in rows}
+
+    def name(m: dict) -> str:
+        return method_label(m["method"], m["num_local"], m["budgets"], m["kv_storage"])
+
     lines = ["| method | M | " + " | ".join(labels) + " | all | peak KV (MiB) |",
              "|---|---:|" + "---:|" * (len(labels) + 2)]
     for m in methods_rows:
         cells = [f"{ppl[(m['method'], b)]:.2f}" if ppl.get((m["method"], b)) is not None
                  else "-" for b in labels + ["all"]]
-        lines.append(f"| {method_label(m['method'], m['num_local'], m['budgets'])} | {m['num_slots'] or 'all'} | "
+        lines.append(f"| {name(m)} | {m['num_slots'] or 'all'} | "
                      + " | ".join(cells) + f" | {m['peak_kv_bytes'] / 2**20:.2f} |")
     if any(r["ppl_low"] is not None for r in rows):
         bounds = {(r["method"], r["bucket"]): (r["ppl_low"], r["ppl_high"]) for r in rows}
@@ -345,7 +376,7 @@ def write_results(output: Path, rows: list[dict], methods_rows: list[dict],
         for m in methods_rows:
             cells = [f"{lo:.2f}-{hi:.2f}" if (lo, hi) != (None, None) else "-"
                      for lo, hi in (bounds.get((m["method"], b), (None, None)) for b in labels + ["all"])]
-            lines.append(f"| {method_label(m['method'], m['num_local'], m['budgets'])} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name(m)} | " + " | ".join(cells) + " |")
     (output / "results.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
@@ -357,7 +388,7 @@ def write_results(output: Path, rows: list[dict], methods_rows: list[dict],
     for m in methods_rows:
         ys = [ppl.get((m["method"], b)) for b in labels]
         ax.plot(labels, [math.nan if y is None else y for y in ys], marker="o",
-                label=f"{method_label(m['method'], m['num_local'], m['budgets'])} "
+                label=f"{name(m)} "
                       f"({m['peak_kv_bytes'] / 2**20:.1f} MiB KV)")
     ax.set(xlabel="token position", ylabel="perplexity",
            title=f"perplexity by position, M = {num_slots}")
@@ -505,6 +536,18 @@ def method_slots(method: str, args, ev: Evaluation, num_layers: int) -> list[int
     return list(args.num_slots) if isinstance(args.num_slots, list) else [args.num_slots] * num_layers
 
 
+def slot_bytes(slots: list[int], geometry, quantization, dtype: str) -> int:
+    """Bytes at rest of the compressed slots of every layer (keys and values, all KV heads) in a ``dtype`` model:
+    quantized slots count their codes and scales, whatever the model's dtype."""
+    import torch
+
+    if quantization is not None:
+        per_entry = quantization.entry_bytes(geometry.head_dim)
+    else:
+        per_entry = 2 * geometry.head_dim * torch.finfo(getattr(torch, dtype)).bits // 8
+    return round(sum(slots) * geometry.num_kv_heads * per_entry)
+
+
 def report(args, ev: Evaluation, totals: dict[str, Totals]) -> None:
     """The CSV files, the table, the plot and the metadata in --output."""
     import torch
@@ -519,9 +562,9 @@ def report(args, ev: Evaluation, totals: dict[str, Totals]) -> None:
     labels = [bucket_label(lo, hi) for lo, hi in zip(edges, edges[1:])]
     rows, method_rows = [], []
     geometry = ModelGeometry.of(ev.model)
-    slot_bytes = geometry.num_kv_heads * geometry.head_dim * 2 * torch.finfo(getattr(torch, args.dtype)).bits // 8
     for method, total in totals.items():
         slots = method_slots(method, args, ev, geometry.num_layers)
+        spec = method_quantization(method, args, ev)
         m_slots = None if slots is None else round(sum(slots) / len(slots))
         # per-layer slots always come with a label, but LoCoCo's own when the baselines were given none
         budgets = None if slots is None or len(set(slots)) == 1 else args.budgets_label or "compressor's"
@@ -539,7 +582,11 @@ def report(args, ev: Evaluation, totals: dict[str, Totals]) -> None:
                      ev.compressor.config.num_local if method == "lococo" and ev.compressor is not None else 0)
         method_rows.append({"method": method, "num_slots": m_slots, "budgets": budgets,
                             "slots_per_layer": None if slots is None else " ".join(map(str, slots)),
-                            "slot_kv_bytes": None if slots is None else sum(slots) * slot_bytes, "num_local": num_local,
+                            "kv_storage": spec.label() if spec else "",
+                            "slot_kv_bytes": None if slots is None else slot_bytes(slots, geometry, spec, args.dtype),
+                            "slot_kv_bytes_bf16": None if slots is None else slot_bytes(slots, geometry, spec,
+                                                                                        "bfloat16"),
+                            "num_local": num_local,
                             "chunk_size": args.chunk_size, "beta": args.beta, "peak_kv_bytes": total.peak_bytes,
                             "peak_entries_per_layer": total.peak_entries,
                             "tokens": tokens, "seconds": round(total.seconds, 2),

@@ -1,4 +1,4 @@
-"""The caches `lococo eval` and the passkey task compare, their names, and their per-layer budgets."""
+"""The caches `lococo eval` and the passkey task compare, their names, per-layer budgets and slot storage."""
 
 from __future__ import annotations
 
@@ -10,21 +10,38 @@ KEEPS_RECENT = ("h2o", "tova")   # the baselines that take --num-local
 BUDGET_SHAPES = ("uniform", "pyramid")
 
 
+def method_quantization(method: str, args, ev):
+    """The ``SlotQuantization`` of a method's slots (None: the model's dtype): --kv-bits, else the compressor's."""
+    if method == "full":
+        return None
+    if getattr(args, "quantization", None) is not None:
+        return args.quantization or None    # False: --kv-bits 16
+    return None if ev.compressor is None else ev.compressor.config.quantization
+
+
 def method_cache(method: str, args, ev):
-    """A fresh cache of one method: the baselines at the same slots per layer and beta; H2O, TOVA with --num-local."""
+    """A fresh cache of one method: the baselines at the same slots per layer, beta and slot storage; H2O, TOVA
+    with --num-local."""
     from ..hf.caches import build_cache
 
-    if method in ("full", "lococo"):
-        return build_cache(method, ev.model, ev.compressor if method == "lococo" else None)
-    return build_cache(method, ev.model, num_slots=args.num_slots, beta=args.beta, num_local=args.num_local)
+    if method == "full":
+        return build_cache(method, ev.model)
+    quantization = method_quantization(method, args, ev) or 16
+    if method == "lococo":
+        return build_cache(method, ev.model, ev.compressor, quantization=quantization)
+    return build_cache(method, ev.model, num_slots=args.num_slots, beta=args.beta, num_local=args.num_local,
+                       quantization=quantization)
 
 
-def method_label(method: str, num_local: int, budgets: str | None = None) -> str:
-    """The method's name in tables: H2O's or TOVA's recent window, and the budgets when they differ by layer."""
+def method_label(method: str, num_local: int, budgets: str | None = None, storage: str | None = None) -> str:
+    """The method's name in tables: H2O's or TOVA's recent window, the budgets when they differ by layer, and the
+    slots' storage when quantized (``SlotQuantization.label()``)."""
     label = METHOD_LABELS[method]
     notes = [f"{num_local} recent"] if method in KEEPS_RECENT and num_local else []
     if budgets and method != "full":
         notes.append(f"{budgets} budgets")
+    if storage and method != "full":
+        notes.append(storage)
     return f"{label} ({', '.join(notes)})" if notes else label
 
 

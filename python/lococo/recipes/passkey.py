@@ -206,14 +206,16 @@ def main(args, ev) -> None:
     import lococo
 
     from . import assets
-    from .methods import method_cache, method_label
+    from .methods import method_cache, method_label, method_quantization
 
     def make_cache(method: str):
         return method_cache(method, args, ev)
 
     rows = run(args, ev.model, ev.tokenizer, args.methods, make_cache, args.chunk_size, ev.device)
     output = Path(args.output)
-    labels = {m: method_label(m, args.num_local) for m in args.methods}
+    storage = {m: method_quantization(m, args, ev) for m in args.methods}
+    labels = {m: method_label(m, args.num_local, args.budgets_label, storage[m] and storage[m].label())
+              for m in args.methods}
     text = write_results(output, rows, labels, args.num_slots)
     (output / "passkey_meta.json").write_text(json.dumps({
         "args": {k: v for k, v in vars(args).items() if k not in ("func", "validate")},

@@ -34,8 +34,8 @@ def _gather_slots(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor,
 class H2OLayer(FixedSlotLayer):
     """Keeps the M stored entries with the largest scores (the ``num_local`` most recent always)."""
 
-    def __init__(self, num_slots: int, beta: int = 16, num_local: int = 0):
-        super().__init__(num_slots, beta)
+    def __init__(self, num_slots: int, beta: int = 16, num_local: int = 0, quantization=None):
+        super().__init__(num_slots, beta, quantization)
         if not 0 <= num_local <= num_slots:
             raise ValueError(f"num_local must be in [0, num_slots = {num_slots}], got {num_local}")
         self.num_local = num_local
@@ -50,7 +50,7 @@ class H2OLayer(FixedSlotLayer):
         ranked = scores.masked_fill(recent & valid, float("inf"))
         order = rank_order(ranked.reshape(b * h, stored), valid.reshape(b * h, stored))[:, : self.num_slots]
         index = torch.sort(order, dim=-1).values.view(b, h, self.num_slots)
-        return _gather_slots(self.keys, self.values, index, valid.gather(2, index))
+        return _gather_slots(*self.entries(), index, valid.gather(2, index))
 
 
 class TOVALayer(H2OLayer):
@@ -68,14 +68,15 @@ class StreamingLLMLayer(FixedSlotLayer):
 
     needs_scores = False
 
-    def __init__(self, num_slots: int, beta: int = 16, num_sink: int = 4):
-        super().__init__(num_slots, beta)
+    def __init__(self, num_slots: int, beta: int = 16, num_sink: int = 4, quantization=None):
+        super().__init__(num_slots, beta, quantization)
         if not 0 <= num_sink <= num_slots:
             raise ValueError(f"num_sink must be in [0, num_slots = {num_slots}], got {num_sink}")
         self.num_sink = num_sink
 
     def compress(self) -> tuple[torch.Tensor, torch.Tensor]:
-        b, h, stored, _ = self.keys.shape
+        keys, values = self.entries()
+        b, h, stored, _ = keys.shape
         M, sinks = self.num_slots, self.num_sink
         first_valid = (stored - self.valid_len).unsqueeze(-1)                   # [b, 1]
         slot = torch.arange(M, device=self.device)
@@ -84,32 +85,34 @@ class StreamingLLMLayer(FixedSlotLayer):
         index = torch.where(short, stored - M + slot, streaming)
         keep = index >= first_valid
         index = index.unsqueeze(1).expand(b, h, M)
-        return _gather_slots(self.keys, self.values, index, keep.unsqueeze(1).expand(b, h, M))
+        return _gather_slots(keys, values, index, keep.unsqueeze(1).expand(b, h, M))
 
 
 class H2OCache(FixedSlotCache):
     """H2O: needs the scores of ``lococo_sdpa``/``lococo_eager`` (apply_lococo).
 
     ``num_slots``: one M for every layer, or per-layer budgets (a list, a ``lococo.Budgets`` or a budget file).
+    ``quantization``: how the slots are stored: None or 16 (the model's dtype), 8, 4 or a ``lococo.SlotQuantization``.
     """
 
-    def __init__(self, num_layers: int, num_slots, beta: int = 16, num_local: int = 0):
-        super().__init__([H2OLayer(m, beta, num_local) for m in per_layer_slots(num_slots, num_layers)])
+    def __init__(self, num_layers: int, num_slots, beta: int = 16, num_local: int = 0, quantization=None):
+        super().__init__([H2OLayer(m, beta, num_local, quantization) for m in per_layer_slots(num_slots, num_layers)])
 
 
 class TOVACache(FixedSlotCache):
-    """TOVA: needs the scores of ``lococo_sdpa``/``lococo_eager`` (apply_lococo); ``num_slots`` as ``H2OCache``."""
+    """TOVA: needs the scores of ``lococo_sdpa``/``lococo_eager`` (apply_lococo); the arguments as ``H2OCache``."""
 
-    def __init__(self, num_layers: int, num_slots, beta: int = 16, num_local: int = 0):
-        super().__init__([TOVALayer(m, beta, num_local) for m in per_layer_slots(num_slots, num_layers)])
+    def __init__(self, num_layers: int, num_slots, beta: int = 16, num_local: int = 0, quantization=None):
+        super().__init__([TOVALayer(m, beta, num_local, quantization) for m in per_layer_slots(num_slots, num_layers)])
 
 
 class StreamingLLMCache(FixedSlotCache):
-    """StreamingLLM (attention sinks plus a recent window); ``num_slots`` as ``H2OCache``.
+    """StreamingLLM (attention sinks plus a recent window); ``num_slots`` and ``quantization`` as ``H2OCache``.
 
     Any attention backend with one M for every layer; per-layer budgets need ``apply_lococo`` (the lococo
     attention fits each layer's mask).
     """
 
-    def __init__(self, num_layers: int, num_slots, beta: int = 16, num_sink: int = 4):
-        super().__init__([StreamingLLMLayer(m, beta, num_sink) for m in per_layer_slots(num_slots, num_layers)])
+    def __init__(self, num_layers: int, num_slots, beta: int = 16, num_sink: int = 4, quantization=None):
+        super().__init__([StreamingLLMLayer(m, beta, num_sink, quantization)
+                          for m in per_layer_slots(num_slots, num_layers)])

@@ -11,6 +11,10 @@ what transformers' own 2D padding mask says about the last ``stored`` columns be
 ones, given ``get_mask_sizes`` = (stored + q, seen - stored). So the standard masks (any backend)
 see every slot, the new entries causally, and no pad. Left padding only.
 
+Storage (docs/design.md#quantized-slots): every layer holds its entries in a storage component
+(``storage.py``), in the model's dtype or with the compressed slots in 8 or 4 bits, whatever it compresses
+with. ``keys``/``values`` are the entries held in the model's dtype; ``entries()`` gives all of them.
+
 The trigger is per layer (docs/design.md#left-padding): the stored length counts a row's padding, so a padded row
 is compressed on its batch's schedule. Its outputs equal those of the same row run alone with the
 same padding (the pads themselves never matter), and, until the first compression, those of the
@@ -25,19 +29,22 @@ from transformers.cache_utils import Cache, DynamicLayer
 from ...compressor import LayerCompressor, LoCoCoCompressor
 from ...config import LoCoCoConfig
 from .. import attention
+from .storage import FloatStorage, make_storage, tensor_bytes
 
 __all__ = ["FixedSlotCache", "FixedSlotLayer", "LoCoCoCache", "LoCoCoLayer", "kv_bytes"]
 
 
-def _tensor_bytes(*tensors: torch.Tensor | None) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
 def layer_kv_bytes(layer) -> int:
-    """Bytes of the keys and values stored by one layer of a transformers cache of any kind."""
+    """Bytes of the keys and values stored by one layer of a transformers cache of any kind.
+
+    A fixed-slot layer's storage counts itself (quantized slots: their codes and scales).
+    """
     if not getattr(layer, "is_initialized", True):
         return 0
-    return _tensor_bytes(getattr(layer, "keys", None), getattr(layer, "values", None))
+    storage = getattr(layer, "storage", None)
+    if isinstance(storage, FloatStorage):
+        return storage.nbytes()
+    return tensor_bytes(getattr(layer, "keys", None), getattr(layer, "values", None))
 
 
 def kv_bytes(cache) -> int:
@@ -53,7 +60,10 @@ class FixedSlotLayer(DynamicLayer):
     is_sliding = False
     needs_scores = True
 
-    def __init__(self, num_slots: int, beta: int):
+    def __init__(self, num_slots: int, beta: int, quantization=None):
+        """``quantization``: how the compressed slots are stored: None or 16 (the model's dtype), 8, 4 or a
+        ``lococo.SlotQuantization``."""
+        self.storage = make_storage(quantization)   # before the base class sets keys and values
         super().__init__()
         if num_slots < 1 or beta < 0:
             raise ValueError(f"num_slots must be >= 1 and beta >= 0, got {num_slots} and {beta}")
@@ -67,9 +77,37 @@ class FixedSlotLayer(DynamicLayer):
         # int64 [b]: valid entries among those stored before the latest call's new ones (fit_mask)
         self.stored_valid: torch.Tensor | None = None
 
+    # --- storage --------------------------------------------------------------------------------
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """The keys held in the model's dtype: all of them, or those appended since the slots were quantized."""
+        return self.storage.keys
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        self.storage.keys = value
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """The values held in the model's dtype (as ``keys``)."""
+        return self.storage.values
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        self.storage.values = value
+
+    @property
+    def quantization(self):
+        """The ``lococo.SlotQuantization`` of the compressed slots, or None (the model's dtype)."""
+        return self.storage.quantization
+
+    def entries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every stored entry's key and value [b, h, stored, d] in the model's dtype, slots first."""
+        return self.storage.entries()
+
     # --- what subclasses implement -------------------------------------------------------------
     def compress(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [b, h, M, d] from the stored entries, valid rows right-aligned."""
+        """Keys and values [b, h, M, d] from the stored entries (``entries()``), valid rows right-aligned."""
         raise NotImplementedError
 
     def slot_logits(self, fused_rows: torch.Tensor) -> torch.Tensor | None:
@@ -81,16 +119,15 @@ class FixedSlotLayer(DynamicLayer):
 
     # --- bookkeeping ---------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        b, h, _, d = key_states.shape
+        b = key_states.shape[0]
         self.device, self.dtype = key_states.device, key_states.dtype
-        self.keys = key_states.new_empty((b, h, 0, d))
-        self.values = value_states.new_empty((b, h, 0, value_states.shape[-1]))
+        self.storage.start(key_states, value_states)
         self.valid_len = torch.zeros(b, dtype=torch.long, device=self.device)
         self.is_initialized = True
 
     @property
     def stored_length(self) -> int:
-        return 0 if not self.is_initialized else self.keys.shape[-2]
+        return 0 if not self.is_initialized else self.storage.length
 
     def _will_compress(self) -> bool:
         return self.stored_length > self.num_slots + self.beta
@@ -106,25 +143,24 @@ class FixedSlotLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         if self._will_compress():
             fused_rows = self.valid_len >= self.num_slots
-            self.keys, self.values = self.compress()
+            self.storage.replace(*self.compress())
             self.logit_bias = self.slot_logits(fused_rows)
             self.valid_len = self.valid_len.clamp(max=self.num_slots)
             self.num_compressions += 1
         self.scores = None
         self.stored_valid = self.valid_len
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        keys, values = self.storage.append(key_states, value_states)
         if self.logit_bias is not None:  # new entries: no logit
             self.logit_bias = torch.nn.functional.pad(self.logit_bias, (0, key_states.shape[-2]))
         added = key_states.shape[-2] if new_valid is None else new_valid
-        self.valid_len = (self.valid_len + added).clamp(max=self.keys.shape[-2])
+        self.valid_len = (self.valid_len + added).clamp(max=keys.shape[-2])
         self.cumulative_length += key_states.shape[-2]
         # only the call before a compression needs scores (they are never accumulated): in decoding
         # that is one step in beta + 1, and the others skip the extra attention pass
         wants_scores = self.needs_scores and self._will_compress()
         # always announced: with per-layer budgets the mask transformers built fits another layer's length
-        attention.expect_scores(self, self.keys, scores=wants_scores)
-        return self.keys, self.values
+        attention.expect_scores(self, keys, scores=wants_scores)
+        return keys, values
 
     def fit_mask(self, attention_mask: torch.Tensor | None, query_length: int) -> torch.Tensor | None:
         """The attention mask of this layer's latest call, from the one transformers built for another layer.
@@ -165,9 +201,10 @@ class FixedSlotLayer(DynamicLayer):
 
     def record_scores(self, scores: torch.Tensor) -> None:
         """Called by the lococo attention functions with the scores [b, kv_heads, stored]."""
-        if tuple(scores.shape) != tuple(self.keys.shape[:3]):
+        stored = (*self.valid_len.shape, self.keys.shape[1], self.stored_length)
+        if tuple(scores.shape) != stored:
             raise RuntimeError(f"attention scores of shape {tuple(scores.shape)} do not match the "
-                               f"{tuple(self.keys.shape[:3])} stored entries")
+                               f"{stored} stored entries")
         self.scores = scores.detach().float()
 
     def _scores_for_compression(self) -> torch.Tensor:
@@ -204,7 +241,7 @@ class FixedSlotLayer(DynamicLayer):
                          "the cache back are not supported with fixed-slot caches.")
 
     def reset(self) -> None:
-        self.keys = self.values = None
+        self.storage.clear()
         self.is_initialized = False
         self.cumulative_length = 0
         self.valid_len = None
@@ -216,7 +253,8 @@ class FixedSlotLayer(DynamicLayer):
     def _map_rows(self, fn) -> None:
         if not self.is_initialized:
             return
-        self.keys, self.values, self.valid_len = fn(self.keys), fn(self.values), fn(self.valid_len)
+        self.storage.map_rows(fn)
+        self.valid_len = fn(self.valid_len)
         if self.stored_valid is not None:
             self.stored_valid = fn(self.stored_valid)
         if self.scores is not None:
@@ -236,13 +274,13 @@ class FixedSlotLayer(DynamicLayer):
     def detach_(self) -> None:
         """Cuts the autograd history of the stored entries (truncated backprop between chunks)."""
         if self.is_initialized:
-            self.keys, self.values = self.keys.detach(), self.values.detach()
+            self.storage.detach_()
         if self.logit_bias is not None:
             self.logit_bias = self.logit_bias.detach()
 
     def nbytes(self) -> int:
         """Bytes held by this layer: stored keys and values (``layer_kv_bytes``), scores, row counters, slot logits."""
-        bookkeeping = _tensor_bytes(self.scores, self.valid_len, self.logit_bias) if self.is_initialized else 0
+        bookkeeping = tensor_bytes(self.scores, self.valid_len, self.logit_bias) if self.is_initialized else 0
         return layer_kv_bytes(self) + bookkeeping
 
 
@@ -338,10 +376,13 @@ class FixedSlotCache(Cache):
 class LoCoCoLayer(FixedSlotLayer):
     """A layer compressed by its ``LayerCompressor`` (``lococo.fuse_kv``)."""
 
-    def __init__(self, compressor: LayerCompressor, config: LoCoCoConfig, needs_scores: bool = True):
+    def __init__(self, compressor: LayerCompressor, config: LoCoCoConfig, needs_scores: bool = True,
+                 quantization=None):
+        """``quantization``: the slots' storage (as ``FixedSlotLayer``); default: the config's."""
         if config.per_layer:
             raise ValueError("LoCoCoLayer takes one layer's config: config.layer(i) of per-layer budgets")
-        super().__init__(config.num_slots, config.beta)
+        super().__init__(config.num_slots, config.beta,
+                         config.quantization if quantization is None else quantization)
         if compressor.num_fused != config.num_fused:
             raise ValueError(f"the layer compressor fuses {compressor.num_fused} slots, the config "
                              f"{config.num_fused}")
@@ -357,12 +398,13 @@ class LoCoCoLayer(FixedSlotLayer):
         super().lazy_initialization(key_states, value_states)
 
     def compress(self) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.entries()
         if self.needs_scores:
             scores = self._scores_for_compression()
         else:  # pure convolution: every slot is fused with weight 1, no entry is picked by score
-            scores = self.keys.new_zeros(self.keys.shape[:3], dtype=torch.float32)
-        empty_k, empty_v = self.keys[:, :, :0], self.values[:, :, :0]
-        return self.compressor(self.keys, self.values, empty_k, empty_v, scores, self.num_heavy,
+            scores = keys.new_zeros(keys.shape[:3], dtype=torch.float32)
+        empty_k, empty_v = keys[:, :, :0], values[:, :, :0]
+        return self.compressor(keys, values, empty_k, empty_v, scores, self.num_heavy,
                                self.num_local, self.valid_len)
 
     def slot_logits(self, fused_rows: torch.Tensor) -> torch.Tensor | None:
@@ -385,12 +427,13 @@ class LoCoCoCache(FixedSlotCache):
         out = model.generate(**inputs, cache=lococo.LoCoCoCache(compressor))  # past_key_values= before 5.24
     """
 
-    def __init__(self, compressor: LoCoCoCompressor):
+    def __init__(self, compressor: LoCoCoCompressor, quantization=None):
+        """``quantization``: the slots' storage, None for the compressor config's (16, 8, 4 or a SlotQuantization)."""
         if not isinstance(compressor, LoCoCoCompressor):
             raise TypeError(f"LoCoCoCache takes a LoCoCoCompressor, got {type(compressor).__name__}")
         needs_scores = compressor.needs_scores()
         config = compressor.config
-        super().__init__([LoCoCoLayer(layer, config.layer(i), needs_scores)
+        super().__init__([LoCoCoLayer(layer, config.layer(i), needs_scores, quantization)
                           for i, layer in enumerate(compressor.layers)], compressor.geometry.num_kv_heads)
         self.compressor = compressor
         self.config = compressor.config
