@@ -131,7 +131,7 @@ def check_writable(folder: Path, flag: str) -> None:
 def add_slot_storage(parser, default: str = "16") -> None:
     """--kv-bits, --kv-group, --kv-key-axis, --kv-format: how the compressed slots are stored (``slot_storage``)."""
     group = parser.add_argument_group("slot storage (docs/design.md#quantized-slots)")
-    group.add_argument("--kv-bits", type=int, choices=[16, 8, 4], default=None,
+    group.add_argument("--kv-bits", type=int_at_least(4, 16), choices=[16, 8, 4], default=None,
                        help=f"bits per stored slot value: 16 (the model's dtype), 8 or 4 (default: {default})")
     group.add_argument("--kv-group", type=int_at_least(1), default=None,
                        help="values per 16-bit scale (default 64 at 8 bits, 32 at 4)")
