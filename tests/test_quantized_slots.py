@@ -161,8 +161,14 @@ BUDGETS = [12, 20, 7]
     ("lococo", SlotQuantization(4, group_size=4, key_axis="channel")),
     ("h2o", SlotQuantization(4, group_size=8, key_axis="channel")),
 ], ids=lambda v: v if isinstance(v, str) else v.label().replace(" ", ""))
-def test_generate_with_quantized_slots_matches_the_loop(attn, kind, spec):
-    """Left-padded batch, chunked prefill, greedy decoding, per-layer budgets; the loop rounds its slots plainly."""
+def test_generate_with_quantized_slots_matches_the_loop(attn, kind, spec, monkeypatch):
+    """Left-padded batch, chunked prefill, greedy decoding, per-layer budgets; the loop rounds its slots plainly.
+
+    The lococo attention reads the packed slots 8 at a time (quantized_attention.py), never a dequantized copy.
+    """
+    from lococo.hf import quantized_attention
+
+    reads = count_block_reads(monkeypatch, block=8)
     model = tiny_model("llama", attn, seed=60, num_hidden_layers=3)
     lengths = [40, 31, 9]
     ids, mask = left_padded(random_ids(len(lengths), max(lengths), seed=61), lengths)
@@ -179,6 +185,7 @@ def test_generate_with_quantized_slots_matches_the_loop(attn, kind, spec):
         out = model.generate(ids, attention_mask=mask, max_new_tokens=25, prefill_chunk_size=16, do_sample=False,
                              return_dict_in_generate=True, **cache_kw(model, cache))
     assert min(cache.compressions_per_layer) >= 2
+    assert reads["calls"] > 0 and reads["blocks"] > reads["calls"] and quantized_attention.SLOT_BLOCK == 8
     assert torch.equal(out.sequences, greedy_decode(loop, ids, mask, 25, chunk=16))
     for i, layer in enumerate(cache.layers):   # the stored slots are the loop's
         keys, _ = layer.entries()
@@ -193,6 +200,53 @@ def test_generate_with_quantized_slots_matches_the_loop(attn, kind, spec):
             off = (got_k - want_k).abs() > 1e-5
             assert off.float().mean() < 0.05
             assert torch.all((got_k - want_k).abs() <= want_k.abs().amax() / 7 * 1.01)
+
+
+def count_block_reads(monkeypatch, block: int) -> dict:
+    """Counts the calls of the blocked attention and the slot blocks they dequantize, with ``block`` slots a block."""
+    from lococo.hf import quantized_attention
+
+    reads = {"calls": 0, "blocks": 0}
+    monkeypatch.setattr(quantized_attention, "SLOT_BLOCK", block)
+    plain_call, plain_blocks = quantized_attention.attention_over_slots, quantized_attention._blocks
+
+    def call(*args, **kwargs):
+        reads["calls"] += 1
+        return plain_call(*args, **kwargs)
+
+    def blocks(*args):
+        for item in plain_blocks(*args):
+            reads["blocks"] += 1
+            yield item
+
+    monkeypatch.setattr(quantized_attention, "attention_over_slots", call)
+    monkeypatch.setattr(quantized_attention, "_blocks", blocks)
+    return reads
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_blocked_reading_equals_the_dequantized_copy_and_other_attention_gets_the_copy(attn, monkeypatch):
+    """Logits of the same prompt: blocks of 3 slots (lococo attention), and the model's own attention (no
+    apply_lococo: StreamingLLM needs no scores), which must get every entry dequantized."""
+    ids = random_ids(2, 70, seed=65)
+    spec = SlotQuantization(4, group_size=8)
+
+    def logits(patched: bool):
+        model = tiny_model("llama", attn, seed=66)
+        if patched:
+            lococo.apply_lococo(model)
+        cache = lococo.build_cache("streaming", model, num_slots=20, beta=3, quantization=spec)
+        with torch.no_grad():
+            out = [model(ids[:, s:s + 10], **cache_kw(model, cache)).logits for s in range(0, 70, 10)]
+        assert cache.num_compressions >= 3
+        return torch.cat(out, 1)
+
+    reads = count_block_reads(monkeypatch, block=3)
+    plain = logits(patched=False)
+    assert reads["calls"] == 0
+    blocked = logits(patched=True)
+    assert reads["calls"] > 0 and reads["blocks"] > 3 * reads["calls"]
+    torch.testing.assert_close(blocked, plain, rtol=1e-4, atol=1e-4)
 
 
 def test_beams_and_sampling_run_on_quantized_slots():
@@ -300,3 +354,36 @@ def test_eval_refuses_storage_that_cannot_work(saved, flags, message, capsys):
                   "--output", str(root / "bad")])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec", [SlotQuantization(4, group_size=8),
+                                  SlotQuantization(8, group_size=4, key_axis="channel")], ids=lambda s: s.label())
+@pytest.mark.parametrize("last_query", [False, True])
+def test_blocked_attention_equals_attention_over_the_dequantized_entries(spec, last_query, monkeypatch):
+    """Random masks (some queries see no key), slot logits, GQA, odd sizes, blocks of 5 slots (channel: 4)."""
+    from types import SimpleNamespace
+
+    from lococo.hf import quantized_attention
+    from lococo.hf.attention import _grouped_allowed, biased_attention
+
+    monkeypatch.setattr(quantized_attention, "SLOT_BLOCK", 5)
+    gen = torch.Generator().manual_seed(7)
+    b, kvh, groups, q, d, slots, recent = 3, 2, 3, 4, 16, 23, 6
+    query = torch.randn(b, kvh * groups, q, d, generator=gen)
+    keys, values = torch.randn(b, kvh, slots, d, generator=gen), torch.randn(b, kvh, slots, d, generator=gen)
+    packed = spec.quantize(keys, keys=True), spec.quantize(values, keys=False)
+    rk, rv = torch.randn(b, kvh, recent, d, generator=gen), torch.randn(b, kvh, recent, d, generator=gen)
+    mask = torch.rand(b, 1, q, slots + recent, generator=gen) > 0.3
+    mask[0, :, 1] = False                               # a query that sees no key
+    bias = torch.randn(b, kvh, slots + 2, generator=gen)
+    allowed = _grouped_allowed(mask, q, slots + recent, kvh, groups, query.device)
+    got, scores = quantized_attention.attention_over_slots(query, packed, rk, rv, allowed, bias, 0.3, True, last_query)
+    full_k = torch.cat([packed[0].dequantize(), rk], -2)
+    full_v = torch.cat([packed[1].dequantize(), rv], -2)
+    want, probs, want_scores = biased_attention(SimpleNamespace(training=False), query, full_k, full_v, mask, bias,
+                                                scaling=0.3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.all(got[0, 1] == 0)
+    if last_query:
+        want_scores = probs[:, :, -1].reshape(b, kvh, groups, -1).sum(2)
+    torch.testing.assert_close(scores, want_scores, rtol=1e-5, atol=1e-5)

@@ -133,10 +133,30 @@ class QuantizedTensor:
         return self.shape[-2]
 
     def dequantize(self) -> torch.Tensor:
-        x = _dequantize_last(self.codes, self.scales, self.spec, self.dtype)
-        if self.channel:
-            return x[..., : self.shape[-2]].transpose(-1, -2).contiguous()
-        return x
+        return self.dequantize_slots(0, self.length)
+
+    def dequantize_slots(self, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Entries [start, stop) along the slot axis (dim -2) in ``dtype`` (default: the original's), without the rest.
+
+        With channel keys ``start`` must be a multiple of the group size (``block_size`` gives such blocks).
+        """
+        dtype = self.dtype if dtype is None else dtype
+        if not self.channel:
+            return _dequantize_last(self.codes[..., start:stop, :], self.scales[..., start:stop, :], self.spec, dtype)
+        group = self.spec.group_size
+        if start % group:
+            raise ValueError(f"channel-scaled slots are read from a multiple of the group size {group}, not {start}")
+        padded = -(-stop // group) * group
+        per_byte = 8 // self.spec.bits
+        x = _dequantize_last(self.codes[..., start // per_byte: padded // per_byte],
+                             self.scales[..., start // group: padded // group], self.spec, dtype)
+        return x[..., : stop - start].transpose(-1, -2)
+
+    def block_size(self, wanted: int) -> int:
+        """The slots read at a time near ``wanted``: a multiple of the group size for channel keys."""
+        if not self.channel:
+            return max(1, wanted)
+        return max(1, wanted // self.spec.group_size) * self.spec.group_size
 
     def nbytes(self) -> int:
         return self.codes.numel() * self.codes.element_size() + self.scales.numel() * self.scales.element_size()

@@ -167,7 +167,22 @@ def _with_layer(module, query, key, value, attention_mask, dropout, scaling, pla
     layer, wants_scores = _claim(key)
     if hasattr(layer, "fit_mask"):   # a fixed-slot layer: its own mask (per-layer budgets)
         attention_mask = layer.fit_mask(attention_mask, query.shape[2])
+        layer.read_by_lococo = True
     last_query = wants_scores and getattr(layer, "scores_from_last_query", False)
+    packed = None if layer is None else getattr(layer, "slots_for_attention", None)
+    if packed is not None:   # quantized slots, read in blocks beside the appended entries in ``key``
+        from .quantized_attention import attention_over_slots
+
+        b, num_heads, q_len, d = query.shape
+        kv_heads = key.shape[1]
+        allowed = _grouped_allowed(attention_mask, q_len, layer.stored_length, kv_heads, num_heads // kv_heads,
+                                   query.device)
+        output, scores = attention_over_slots(query, packed, key, value, allowed, getattr(layer, "logit_bias", None),
+                                              d ** -0.5 if scaling is None else scaling, wants_scores, last_query)
+        layer.slots_for_attention = None
+        if wants_scores:
+            layer.record_scores(scores)
+        return output, None
     if last_query:
         plain_scores = lambda mask: last_query_scores(query, key, mask, scaling)  # noqa: E731
     logit_bias = None if layer is None else getattr(layer, "logit_bias", None)

@@ -76,6 +76,10 @@ class FixedSlotLayer(DynamicLayer):
         self.num_compressions = 0
         # int64 [b]: valid entries among those stored before the latest call's new ones (fit_mask)
         self.stored_valid: torch.Tensor | None = None
+        # quantized slots: the lococo attention read the latest call (then it may read the slots in blocks), and
+        # the packed slots this call's attention reads beside the appended entries it gets (None: it gets all)
+        self.read_by_lococo = False
+        self.slots_for_attention = None
 
     # --- storage --------------------------------------------------------------------------------
     @property
@@ -149,11 +153,18 @@ class FixedSlotLayer(DynamicLayer):
             self.num_compressions += 1
         self.scores = None
         self.stored_valid = self.valid_len
-        keys, values = self.storage.append(key_states, value_states)
+        self.storage.append(key_states, value_states)
+        # The lococo attention reads packed slots in blocks (quantized_attention.py): it then gets only the
+        # entries appended since, and no full-precision copy of the slots is made. Any other reader (an
+        # attention that did not claim the previous call, distill's replay) gets every entry dequantized.
+        packed, claimed = self.storage.packed_slots(), self.read_by_lococo
+        self.read_by_lococo = False
+        self.slots_for_attention = packed if claimed else None
+        keys, values = (self.keys, self.values) if self.slots_for_attention is not None else self.entries()
         if self.logit_bias is not None:  # new entries: no logit
             self.logit_bias = torch.nn.functional.pad(self.logit_bias, (0, key_states.shape[-2]))
         added = key_states.shape[-2] if new_valid is None else new_valid
-        self.valid_len = (self.valid_len + added).clamp(max=keys.shape[-2])
+        self.valid_len = (self.valid_len + added).clamp(max=self.stored_length)
         self.cumulative_length += key_states.shape[-2]
         # only the call before a compression needs scores (they are never accumulated): in decoding
         # that is one step in beta + 1, and the others skip the extra attention pass
@@ -249,6 +260,8 @@ class FixedSlotLayer(DynamicLayer):
         self.logit_bias = None
         self.num_compressions = 0
         self.stored_valid = None
+        self.read_by_lococo = False
+        self.slots_for_attention = None
 
     def _map_rows(self, fn) -> None:
         if not self.is_initialized:

@@ -45,11 +45,13 @@ class FloatStorage:
     def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.keys, self.values = keys, values
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Adds the new entries; returns every stored entry (for this call's attention)."""
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.keys = torch.cat([self.keys, keys], dim=-2)
         self.values = torch.cat([self.values, values], dim=-2)
-        return self.keys, self.values
+
+    def packed_slots(self) -> tuple[QuantizedTensor, QuantizedTensor] | None:
+        """The slots as codes and scales, for an attention that reads them in blocks; None when not packed."""
+        return None
 
     def nbytes(self) -> int:
         return tensor_bytes(self.keys, self.values)
@@ -113,9 +115,8 @@ class QuantizedStorage(FloatStorage):
             self.slots = spec.quantize(keys, keys=True), spec.quantize(values, keys=False)
         self.keys, self.values = keys[:, :, :0].detach(), values[:, :, :0].detach()
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        super().append(keys, values)
-        return self.entries()
+    def packed_slots(self) -> tuple[QuantizedTensor, QuantizedTensor] | None:
+        return self.slots if self.slots is not None and isinstance(self.slots[0], QuantizedTensor) else None
 
     def nbytes(self) -> int:
         """Codes and scales of the slots (or their rounded tensors while training) and the appended entries."""
