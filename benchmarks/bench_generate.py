@@ -16,7 +16,11 @@ beta + 1 = 17 tokens). Two ways to reach that state (--prefill):
              token counter is set to T so that positions continue at T.
 Decode cost and memory are the same either way: they depend on the stored shapes only.
 
-Reported per (cache, T): bytes of the stored keys and values after decoding (`lococo.hf.caches.kv_bytes`,
+--kv-bits 16 8 4 runs each fixed-slot cache with its slots in the model's dtype and quantized to 8 and
+4 bits (docs/design.md#quantized-slots; the lococo attention then reads them in blocks); the full cache
+runs once.
+
+Reported per (cache, storage, T): bytes of the stored keys and values after decoding (`lococo.hf.caches.kv_bytes`,
 the count `lococo eval` reports), the process's peak RSS (CPU) or torch's peak allocated memory
 (CUDA), decode tokens/s over all timed tokens (compressions included), and the median per-token
 latency with p20/p80. Writes generate.{csv,md,png} under
@@ -53,7 +57,7 @@ CACHES = ("full", "lococo", "h2o")
 LABELS = {"full": "full cache", "lococo": "LoCoCo", "h2o": "H2O"}
 FIELDS = ["model", "cache", "context", "prefill", "decode_tokens", "tokens_per_s", "latency_ms_p50", "latency_ms_p20",
           "latency_ms_p80", "kv_cache_mb", "stored_entries", "peak_mem_mb", "model_mem_mb", "prefill_s",
-          "num_slots", "chunk", "device", "dtype", "threads"]
+          "num_slots", "chunk", "device", "dtype", "threads", "kv_bits"]
 
 
 def _rss_mb() -> float:
@@ -81,10 +85,10 @@ def run_one(args) -> dict:
     compressor = lococo.LoCoCoCompressor.for_model(model, num_slots=args.num_slots, chunk_size=args.chunk)
     if args.cache == "lococo":
         lococo.apply_lococo(model, compressor)
-        cache = lococo.LoCoCoCache(compressor)
+        cache = lococo.LoCoCoCache(compressor, quantization=args.bits)
     elif args.cache == "h2o":
         lococo.apply_lococo(model)
-        cache = lococo.H2OCache(config.num_hidden_layers, args.num_slots)
+        cache = lococo.H2OCache(config.num_hidden_layers, args.num_slots, quantization=args.bits)
     else:
         cache = DynamicCache(config=config)
     kw = {lococo.cache_kwarg(model): cache}
@@ -116,7 +120,8 @@ def run_one(args) -> dict:
                     n = min(B, steady - s)
                     for layer in cache.layers:
                         layer.update(rnd(n), rnd(n))
-                        layer.record_scores(torch.rand(layer.keys.shape[:3], generator=gen).to(device))
+                        layer.record_scores(torch.rand(1, config.num_key_value_heads, layer.stored_length,
+                                                       generator=gen).to(device))
                 for layer in cache.layers:
                     layer.cumulative_length = T
             token = torch.randint(0, config.vocab_size, (1, 1), generator=gen).to(device)
@@ -140,11 +145,16 @@ def run_one(args) -> dict:
         "tokens_per_s": round(len(latencies) / sum(latencies), 2),
         "latency_ms_p50": round(1e3 * statistics.median(latencies), 2),
         "latency_ms_p20": round(1e3 * q[1], 2), "latency_ms_p80": round(1e3 * q[7], 2),
-        "kv_cache_mb": round(kv_bytes(cache) / 2**20, 2), "stored_entries": cache.layers[0].keys.shape[-2],
+        "kv_cache_mb": round(kv_bytes(cache) / 2**20, 2), "stored_entries": stored_entries(cache.layers[0]),
         "peak_mem_mb": round(peak, 1), "model_mem_mb": round(model_mem, 1), "prefill_s": round(prefill_s, 2),
         "num_slots": args.num_slots, "chunk": B, "device": args.device, "dtype": args.dtype,
-        "threads": args.threads,
+        "threads": args.threads, "kv_bits": args.bits,
     }
+
+
+def stored_entries(layer) -> int:
+    """Entries a layer stores: a fixed-slot layer's slots (quantized or not) and appended entries; else its keys."""
+    return layer.stored_length if hasattr(layer, "stored_length") else layer.keys.shape[-2]
 
 
 def _cpu_name() -> str:
@@ -168,6 +178,10 @@ def environment(args) -> str:
             f"(kernels: {lococo.kernel_devices() or 'none, reference'})")
 
 
+def label(cache: str, bits: int) -> str:
+    return LABELS[cache] + ("" if bits == 16 else f" int{bits}")
+
+
 def write_outputs(rows: list[dict], args, env: str) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -179,9 +193,10 @@ def write_outputs(rows: list[dict], args, env: str) -> None:
         writer.writeheader()
         writer.writerows(rows)
 
-    by = {(r["cache"], r["context"]): r for r in rows}
+    by = {(r["cache"], r["kv_bits"], r["context"]): r for r in rows}
     contexts = sorted({r["context"] for r in rows})
-    caches = [c for c in CACHES if any(r["cache"] == c for r in rows)]
+    caches = [(c, bits) for c in CACHES for bits in (16, 8, 4) if any(r["cache"] == c and r["kv_bits"] == bits
+                                                                      for r in rows)]
     lines = [
         f"{MODELS[args.model][0]}, random weights (throughput and memory depend on shapes, not weights); "
         f"M = {args.num_slots}, beta = 16, B = {args.chunk}; batch 1, {args.dtype} on {args.device}; "
@@ -192,14 +207,15 @@ def write_outputs(rows: list[dict], args, env: str) -> None:
         "|---:|---|---:|---:|---:|---:|---:|",
     ]
     for T in contexts:
-        full = by.get(("full", T))
-        for cache in caches:
-            r = by.get((cache, T))
+        full = by.get(("full", 16, T))
+        for cache, bits in caches:
+            r = by.get((cache, bits, T))
             if r is None:
                 continue
             speed = f"{r['tokens_per_s'] / full['tokens_per_s']:.2f}x" if full else "-"
-            lines.append(f"| {T} | {LABELS[cache]} | {r['kv_cache_mb']} | {r['peak_mem_mb']} | {r['tokens_per_s']} "
-                         f"| {speed} | {r['latency_ms_p50']} [{r['latency_ms_p20']}, {r['latency_ms_p80']}] |")
+            lines.append(f"| {T} | {label(cache, bits)} | {r['kv_cache_mb']} | {r['peak_mem_mb']} "
+                         f"| {r['tokens_per_s']} | {speed} | {r['latency_ms_p50']} "
+                         f"[{r['latency_ms_p20']}, {r['latency_ms_p80']}] |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -208,13 +224,13 @@ def write_outputs(rows: list[dict], args, env: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for cache, style in zip(caches, ("o-", "s-", "^-")):
-        pts = [by[(cache, T)] for T in contexts if (cache, T) in by]
+    for (cache, bits), style in zip(caches, ("o-", "s-", "^-", "v-", "D-", "x-", "+-")):
+        pts = [by[(cache, bits, T)] for T in contexts if (cache, bits, T) in by]
         xs = [r["context"] for r in pts]
-        label = LABELS[cache] if cache == "full" else f"{LABELS[cache]} (M = {args.num_slots})"
-        axes[0].plot(xs, [r["kv_cache_mb"] for r in pts], style, label=label)
-        axes[1].plot(xs, [r["peak_mem_mb"] for r in pts], style, label=label)
-        axes[2].plot(xs, [r["tokens_per_s"] for r in pts], style, label=label)
+        name = label(cache, bits) + ("" if cache == "full" else f" (M = {args.num_slots})")
+        axes[0].plot(xs, [r["kv_cache_mb"] for r in pts], style, label=name)
+        axes[1].plot(xs, [r["peak_mem_mb"] for r in pts], style, label=name)
+        axes[2].plot(xs, [r["tokens_per_s"] for r in pts], style, label=name)
     titles = ("KV cache (MB)", "peak memory (MB): " + ("torch allocated" if args.device == "cuda" else "process RSS"),
               "decode tokens/s")
     for ax, title in zip(axes, titles):
@@ -239,6 +255,8 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=48)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--num-slots", type=int, default=128)
+    parser.add_argument("--kv-bits", type=int, nargs="+", choices=(16, 8, 4), default=[16],
+                        help="the fixed-slot caches' slot storage: 16 (the model's dtype), 8, 4 bits; each one given")
     parser.add_argument("--chunk", type=int, default=128)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -250,22 +268,23 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.one is not None:
-        args.cache, context = args.one.split(":")
-        args.context = int(context)
+        args.cache, bits, context = args.one.split(":")
+        args.bits, args.context = int(bits), int(context)
         print(json.dumps(run_one(args)))
         return
 
     rows = []
     worker = [sys.executable, __file__, *[a for a in sys.argv[1:]]]
     for T in args.contexts:           # caches side by side at each context, so that both see the same load
-        for cache in args.caches:
-            result = subprocess.run(worker + ["--one", f"{cache}:{T}"], capture_output=True, text=True)
+        for cache, bits in [(c, b) for c in args.caches for b in (args.kv_bits if c != "full" else [16])]:
+            result = subprocess.run(worker + ["--one", f"{cache}:{bits}:{T}"], capture_output=True, text=True)
             if result.returncode != 0:
-                sys.exit(f"{cache} at {T} failed:\n{result.stderr}")
+                sys.exit(f"{cache} ({bits} bits) at {T} failed:\n{result.stderr}")
             row = json.loads(result.stdout.strip().splitlines()[-1])
             rows.append(row)
-            print(f"{cache:>6} {T:>6}: {row['tokens_per_s']:8.2f} tok/s, KV {row['kv_cache_mb']:8.2f} MB, "
-                  f"peak {row['peak_mem_mb']:8.1f} MB, prefill {row['prefill_s']:.1f} s", flush=True)
+            print(f"{label(cache, bits):>14} {T:>6}: {row['tokens_per_s']:8.2f} tok/s, "
+                  f"KV {row['kv_cache_mb']:8.2f} MB, peak {row['peak_mem_mb']:8.1f} MB, "
+                  f"prefill {row['prefill_s']:.1f} s", flush=True)
         write_outputs(rows, args, environment(args))   # after every context: a run cut short keeps its rows
 
 

@@ -387,3 +387,21 @@ def test_blocked_attention_equals_attention_over_the_dequantized_entries(spec, l
     if last_query:
         want_scores = probs[:, :, -1].reshape(b, kvh, groups, -1).sum(2)
     torch.testing.assert_close(scores, want_scores, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_quantized_slots_on_cuda_match_the_cpu():
+    """The codes, the blocked attention and an H2O decode on the GPU against the same on the CPU (float32: in
+    bf16 a value at a rounding boundary may take the other code on the other device)."""
+    model = tiny_model("llama", "sdpa", seed=67)
+    lococo.apply_lococo(model)
+    ids = random_ids(2, 60, seed=68)
+    logits = {}
+    for device in ("cpu", "cuda"):
+        model.to(device)
+        cache = lococo.build_cache("h2o", model, num_slots=12, beta=3, quantization=SlotQuantization(4, 8))
+        with torch.no_grad():
+            logits[device] = torch.cat([model(ids[:, s:s + 6].to(device), **cache_kw(model, cache)).logits.float().cpu()
+                                        for s in range(0, 60, 6)], 1)
+        assert cache.num_compressions >= 5
+    torch.testing.assert_close(logits["cuda"], logits["cpu"], rtol=1e-3, atol=1e-3)

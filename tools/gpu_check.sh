@@ -265,7 +265,8 @@ step benchmark benchmark.log "$PYTHON" benchmarks/bench_fuse_kv.py --device cuda
 step generate generate.log "$PYTHON" tools/generate_cuda_check.py
 
 step bench_generate bench_generate.log bash -c "'$PYTHON' benchmarks/bench_generate.py --device cuda \
-  --dtype bfloat16 --contexts 1024 8192 32768 --decode-tokens 32 --caches full lococo h2o --out '$LOGS/generate' \
+  --dtype bfloat16 --contexts 1024 8192 32768 --decode-tokens 32 --caches full lococo h2o --kv-bits 16 8 4 \
+  --out '$LOGS/generate' \
   && '$PYTHON' benchmarks/bench_generate.py --model llama-2-7b-2layers --device cuda --dtype bfloat16 \
   --contexts 1024 8192 32768 --decode-tokens 32 --caches full lococo h2o --out '$LOGS/generate'"
 
