@@ -13,14 +13,17 @@ among the H2O, TOVA and StreamingLLM rows at that M, and the share of the gap th
 
 (1 is the full cache's quality, 0 the baseline's, negative is worse than the baseline).
 
-Rows with per-layer budgets (`lococo eval --budgets`, or a compressor with budgets) are told apart
-by their budgets; for each of them, the share of the gap between the uniform H2O row at the same M
-and recent window and the full cache that they close is tabled too.
+Rows with per-layer budgets (`lococo eval --budgets`, or a compressor with budgets) or quantized slots
+(`--kv-bits`) are told apart by them; for each of them, the share of the gap between uniform H2O in the
+model's dtype (same recent window) and the full cache that they close is tabled too, against the uniform
+H2O row that takes the same bytes (within 2%), else the one at the same M. Quantized rows also get their
+perplexity change against the same method, slots and budgets in the model's dtype.
 
 The last table and --plot give the perplexity over a span of positions (by default 2K-8K,
 merged from its buckets by their NLL and token counts) against memory: the bytes of the compressed
-slots of all layers (the entries appended since the last compression come on top, the same for all
-methods), one column (line) per method and budgets, with the full cache as a horizontal line.
+slots of all layers in a bf16 model (quantized slots: their codes and scales, whatever the model's
+dtype; the entries appended since the last compression come on top, the same for all methods), one
+column (line) per method, budgets and storage, with the full cache as a horizontal line.
 
     python benchmarks/summarize_evals.py RUN [RUN ...] --output summary.md [--plot quality_vs_memory.png]
 """
@@ -41,13 +44,17 @@ BASELINES = ("h2o", "tova", "streaming")
 BUDGET_NAMES: dict[str, str] = {}   # slots per layer -> the name a run gave those budgets
 
 
-def label(method: str, local: int, budgets: str = "") -> str:
-    return method_label(method, local, budgets or None)
+def label(method: str, local: int, budgets: str = "", storage: str = "") -> str:
+    return method_label(method, local, budgets or None, storage or None)
+
+
+def key_label(key) -> str:
+    return label(key[0], key[2], key[3], key[4])
 
 
 def read_run(folder: Path) -> tuple[dict, dict, dict]:
-    """(what the run evaluated: documents, range, buckets), {(method, M, num_local, budgets): {bucket: (nll, tokens)}},
-    and {that key: bytes of the compressed slots of all layers}."""
+    """(what the run evaluated: documents, range, buckets), {(method, M, num_local, budgets, storage): {bucket: (nll,
+    tokens)}}, and {that key: bytes of the compressed slots of all layers in a bf16 model}."""
     meta = json.loads((folder / "eval_meta.json").read_text())
     args = meta["args"]
     scope = {"documents": meta["documents"], "start_token": args["start_token"], "max_tokens": args["max_tokens"],
@@ -56,6 +63,8 @@ def read_run(folder: Path) -> tuple[dict, dict, dict]:
         methods = {row["method"]: row for row in csv.DictReader(handle)}
     local = {method: int(row.get("num_local") or 0) for method, row in methods.items()}
     budgets = {method: row.get("budgets") or "" for method, row in methods.items()}
+    storage = {method: row.get("kv_storage") or "" for method, row in methods.items()}
+    dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[args.get("dtype") or "float32"]
     # LoCoCo's budgets are named "compressor's" in its run; rows of other runs with the same slots name them
     for method, row in methods.items():
         if budgets[method] == "compressor's" and row.get("slots_per_layer"):
@@ -66,11 +75,14 @@ def read_run(folder: Path) -> tuple[dict, dict, dict]:
     for method, row in methods.items():
         if not row["num_slots"]:
             continue
-        key = (method, int(row["num_slots"]), local[method], budgets[method])
-        if row.get("slot_kv_bytes"):
-            memory[key] = int(row["slot_kv_bytes"])
+        key = (method, int(row["num_slots"]), local[method], budgets[method], storage[method])
+        if row.get("slot_kv_bytes_bf16"):
+            memory[key] = int(row["slot_kv_bytes_bf16"])
+        elif row.get("slot_kv_bytes"):   # runs before quantized slots: the model's dtype
+            memory[key] = int(row["slot_kv_bytes"]) * 2 // dtype_bytes
         elif row.get("peak_kv_bytes"):  # runs before the column: the peak holds M + beta + B entries per layer
-            memory[key] = int(row["peak_kv_bytes"]) * int(row["num_slots"]) // int(row["peak_entries_per_layer"])
+            memory[key] = (int(row["peak_kv_bytes"]) * int(row["num_slots"]) // int(row["peak_entries_per_layer"])
+                           * 2 // dtype_bytes)
     results: dict = {}
     scope["names"] = []
     with open(folder / "ppl_by_position.csv") as handle:
@@ -79,7 +91,7 @@ def read_run(folder: Path) -> tuple[dict, dict, dict]:
                 scope["names"].append(row["bucket"])
             method = row["method"]
             key = (method, int(row["num_slots"]) if row["num_slots"] else None, local.get(method, 0),
-                   budgets.get(method, ""))
+                   budgets.get(method, ""), storage.get(method, ""))
             if row["nll"]:
                 results.setdefault(key, {})[row["bucket"]] = (float(row["nll"]), int(row["tokens"]))
     return scope, results, memory
@@ -100,7 +112,7 @@ def merge(folders: list[Path]) -> tuple[dict, dict, dict]:
                          "text or settings cannot share a table")
         for key, buckets in results.items():
             if key in merged and any(abs(merged[key][b][0] - nll) > 1e-4 for b, (nll, _) in buckets.items()):
-                sys.exit(f"summarize_evals: {label(key[0], key[2], key[3])} at M = {key[1]} differs between runs")
+                sys.exit(f"summarize_evals: {key_label(key)} at M = {key[1]} differs between runs")
             merged.setdefault(key, {}).update(buckets)
     return scope, merged, memory
 
@@ -114,8 +126,8 @@ def ppl(buckets: dict, names: list[str]) -> float | None:
 
 
 def order(key) -> tuple:
-    method, slots, local, budgets = key
-    return (slots or 0, METHODS.index(method), local, budgets)
+    method, slots, local, budgets, storage = key
+    return (slots or 0, METHODS.index(method), local, budgets, storage)
 
 
 def span_names(scope: dict, span: tuple[int, int]) -> list[str]:
@@ -130,16 +142,17 @@ def span_names(scope: dict, span: tuple[int, int]) -> list[str]:
 def against_memory(scope: dict, merged: dict, memory: dict, span: tuple[int, int]) -> str:
     """The plot's numbers: perplexity over the span and the slots' memory, one row per M, one column per method."""
     names = span_names(scope, span)
-    methods = sorted({(k[0], k[2], k[3]) for k in merged if k[0] != "full"},
-                     key=lambda m: (METHODS.index(m[0]), m[1], m[2]))
+    methods = sorted({(k[0], k[2], k[3], k[4]) for k in merged if k[0] != "full"},
+                     key=lambda m: (METHODS.index(m[0]), m[1], m[2], m[3]))
     full = next((ppl(v, names) for k, v in merged.items() if k[0] == "full"), None)
-    lines = [f"Perplexity over tokens {bucket_label(*span)} against M (and the compressed slots' KV MiB):", "",
+    lines = [f"Perplexity over tokens {bucket_label(*span)} against M (and the compressed slots' KV MiB in a bf16 "
+             "model):", "",
              "| M | full cache | " + " | ".join(label(*m) for m in methods) + " |",
              "|---:|---:|" + "---:|" * len(methods)]
     for slots in sorted({k[1] for k in merged if k[1] is not None}):
         cells = []
-        for m, local, budgets in methods:
-            key = (m, slots, local, budgets)
+        for m, local, budgets, storage in methods:
+            key = (m, slots, local, budgets, storage)
             value = ppl(merged[key], names) if key in merged else None
             cells.append("-" if value is None else f"{value:.2f}" + (f" ({memory[key] / 2**20:.2f})" if key in memory
                                                                       else ""))
@@ -147,25 +160,49 @@ def against_memory(scope: dict, merged: dict, memory: dict, span: tuple[int, int
     return "\n".join(lines) + "\n"
 
 
-def gap_shares(names: list[str], merged: dict) -> list[str]:
-    """For every row with per-layer budgets: the share of the gap between uniform H2O and the full cache it closes."""
+def reference_h2o(key, merged: dict, memory: dict):
+    """The uniform H2O row in the model's dtype (same recent window for H2O and TOVA) that takes the same bytes as
+    ``key`` (within 2%), else the one at the same M; None when there is neither."""
+    uniform = [k for k in merged if k[0] == "h2o" and not k[3] and not k[4]
+               and (k[2] == key[2] or key[0] not in ("h2o", "tova"))]
+    mine = memory.get(key)
+    same_bytes = [k for k in uniform if mine and memory.get(k) and abs(memory[k] - mine) <= 0.02 * memory[k]]
+    same_m = [k for k in uniform if k[1] == key[1]]
+    return (same_bytes or same_m or [None])[0]
+
+
+def gap_shares(names: list[str], merged: dict, memory: dict) -> list[str]:
+    """For every row with per-layer budgets or quantized slots: the share of the gap between uniform H2O (same bytes,
+    else same M) and the full cache it closes, and the perplexity change of quantized slots alone."""
     full = next((v for k, v in merged.items() if k[0] == "full"), None)
-    lines = []
-    for key in sorted((k for k in merged if k[3] and k[0] != "full"), key=order):
-        uniform = next((k for k in merged if k[0] == "h2o" and k[1] == key[1] and not k[3]
-                        and k[2] == (key[2] if key[0] in ("h2o", "tova") else k[2])), None)
-        if full is None or uniform is None:
-            continue
-        shares = []
-        for name in names:
-            f, b, x = ppl(full, [name]), ppl(merged[uniform], [name]), ppl(merged[key], [name])
-            shares.append("-" if None in (f, b, x) or b == f else f"{100 * (b - x) / (b - f):.0f}%")
-        lines.append(f"| {label(*(key[0], key[2], key[3]))} | {key[1]} | " + " | ".join(shares) + " |")
-    if not lines:
-        return []
-    return ["", "Share of the gap between uniform H2O (same M and recent window) and the full cache that each run with "
-            "per-layer budgets closes:", "", "| method | M | " + " | ".join(names) + " |",
-            "|---|---:|" + "---:|" * len(names), *lines]
+    lines, changes = [], []
+    for key in sorted((k for k in merged if (k[3] or k[4]) and k[0] != "full"), key=order):
+        uniform = reference_h2o(key, merged, memory)
+        if full is not None and uniform is not None:
+            shares = []
+            for name in names:
+                f, b, x = ppl(full, [name]), ppl(merged[uniform], [name]), ppl(merged[key], [name])
+                shares.append("-" if None in (f, b, x) or b == f else f"{100 * (b - x) / (b - f):.0f}%")
+            lines.append(f"| {key_label(key)} | {key[1]} | {key_label(uniform)}, M = {uniform[1]} | "
+                         + " | ".join(shares) + " |")
+        unquantized = (*key[:4], "")
+        if key[4] and unquantized in merged:
+            cells = []
+            for name in names:
+                a, b = ppl(merged[unquantized], [name]), ppl(merged[key], [name])
+                cells.append("-" if None in (a, b) else f"{100 * (b - a) / a:+.2f}%")
+            changes.append(f"| {key_label(key)} | {key[1]} | " + " | ".join(cells) + " |")
+    out = []
+    if lines:
+        out += ["", "Share of the gap between uniform H2O (the model's dtype, same recent window, the same bytes or "
+                "else the same M) and the full cache that each run with per-layer budgets or quantized slots closes:",
+                "", "| method | M | against | " + " | ".join(names) + " |", "|---|---:|---|" + "---:|" * len(names),
+                *lines]
+    if changes:
+        out += ["", "Perplexity change of quantized slots against the same method, slots and budgets in the model's "
+                "dtype:", "", "| method | M | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names),
+                *changes]
+    return out
 
 
 def tables(scope: dict, merged: dict, memory: dict, span: tuple[int, int] = (2048, 8192)) -> str:
@@ -175,15 +212,16 @@ def tables(scope: dict, merged: dict, memory: dict, span: tuple[int, int] = (204
              "| method | M | " + " | ".join(names) + " | all |", "|---|---:|" + "---:|" * (len(names) + 1)]
     for key in sorted(merged, key=order):
         cells = [ppl(merged[key], [n]) for n in names] + [ppl(merged[key], names)]
-        lines.append(f"| {label(key[0], key[2], key[3])} | {key[1] or 'all'} | "
+        lines.append(f"| {key_label(key)} | {key[1] or 'all'} | "
                      + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + " |")
     full = next((v for k, v in merged.items() if k[0] == "full"), None)
     for key in sorted((k for k in merged if k[0] == "lococo"), key=order):
-        rivals = {k: v for k, v in merged.items() if k[0] in BASELINES and k[1] == key[1] and k[3] == key[3]}
+        rivals = {k: v for k, v in merged.items()
+                  if k[0] in BASELINES and k[1] == key[1] and k[3] == key[3] and k[4] == key[4]}
         if full is None or not rivals:
             continue
         lines += ["", f"Share of the gap between the better baseline (same budgets) and the full cache that "
-                      f"{label(key[0], key[2], key[3])} closes, M = {key[1]}:", "",
+                      f"{key_label(key)} closes, M = {key[1]}:", "",
                   "| bucket | full | LoCoCo | better baseline | share |", "|---|---:|---:|---|---:|"]
         for name in names:
             best_key = min(rivals, key=lambda k: ppl(rivals[k], [name]) or math.inf)
@@ -191,9 +229,9 @@ def tables(scope: dict, merged: dict, memory: dict, span: tuple[int, int] = (204
             if None in (f, lo, b):
                 continue
             share = (b - lo) / (b - f) if b != f else math.nan
-            lines.append(f"| {name} | {f:.2f} | {lo:.2f} | {label(best_key[0], best_key[2], best_key[3])} {b:.2f} | "
+            lines.append(f"| {name} | {f:.2f} | {lo:.2f} | {key_label(best_key)} {b:.2f} | "
                          f"{100 * share:.0f}% |")
-    lines += gap_shares(names, merged)
+    lines += gap_shares(names, merged, memory)
     return "\n".join(lines) + "\n\n" + against_memory(scope, merged, memory, span)
 
 
@@ -211,13 +249,13 @@ def plot(scope: dict, merged: dict, memory: dict, path: Path, span: tuple[int, i
         if key[0] == "full" and value is not None:
             ax.axhline(value, color="black", linestyle="--", label=f"full cache ({value:.2f})")
         elif value is not None and key in memory:
-            lines.setdefault((key[0], key[2], key[3]), []).append((memory[key] / 2**20, value))
-    for (method, local, budgets), points in lines.items():
+            lines.setdefault((key[0], key[2], key[3], key[4]), []).append((memory[key] / 2**20, value))
+    for (method, local, budgets, storage), points in lines.items():
         points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label(method, local, budgets),
-                linestyle="-" if not budgets else "--")
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if not storage else "s",
+                label=label(method, local, budgets, storage), linestyle="-" if not budgets else "--")
     ax.set_xscale("log", base=2)
-    ax.set(xlabel="KV MiB of the compressed slots, all layers (the dtype of the run)",
+    ax.set(xlabel="KV MiB of the compressed slots, all layers, in a bf16 model (quantized: codes and scales)",
            ylabel=f"perplexity, tokens {bucket_label(*span)}",
            title=f"quality against memory ({len(scope['documents'])} documents)")
     ax.grid(alpha=0.3)
