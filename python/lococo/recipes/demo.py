@@ -77,6 +77,18 @@ def buckets(losses: list[float], width: int = 1024) -> list[tuple[str, float]]:
     return out
 
 
+def describe(cfg, slots: list[int]) -> str:
+    """The cache's slots per layer and KV head, their split and storage, in words."""
+    recent = f", {cfg.num_local} of them the most recent entries" if cfg.num_local else ""
+    storage = f"; slots stored as {cfg.quantization.label()}" if cfg.quantization else ""
+    if not cfg.per_layer:
+        return (f"M = {cfg.num_slots} slots per layer and KV head ({cfg.num_heavy} heavy hitters{recent} + "
+                f"{cfg.num_fused} fused){storage}")
+    fused = sum(cfg.layer(i).num_fused for i in range(len(slots)))
+    return (f"{min(slots)}-{max(slots)} slots per layer (mean {sum(slots) / len(slots):.0f}) and KV head, "
+            f"{fused / sum(slots):.0%} of them fused, the rest heavy hitters{recent}{storage}")
+
+
 def main(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -98,9 +110,9 @@ def main(args) -> int:
 
     ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids[:args.tokens]])
     print(f"lococo demo: SmolLM2-135M-Instruct reads {ids.shape[1]} tokens of {name}")
-    recent = f", {cfg.num_local} of them the most recent entries" if cfg.num_local else ""
-    print(f"  LoCoCo cache: M = {cfg.num_slots} slots per layer and KV head ({cfg.num_heavy} "
-          f"heavy hitters{recent} + {cfg.num_fused} fused), beta = {cfg.beta}, chunk = {cfg.chunk_size}\n")
+    slots = cfg.slots_per_layer(compressor.geometry.num_layers)
+    mean_slots = round(sum(slots) / len(slots))
+    print(f"  LoCoCo cache: {describe(cfg, slots)}, beta = {cfg.beta}, chunk = {cfg.chunk_size}\n")
 
     results = {}
     for method in ("full", "lococo"):
@@ -112,7 +124,7 @@ def main(args) -> int:
     labels = [label for label, _ in results["full"][0]]
     print(f"  {'cache':<14}" + "".join(f"{'ppl ' + label:>12}" for label in labels)
           + f"{'peak KV':>12}{'entries':>10}{'tok/s':>8}")
-    for method, title in (("full", "full (Dynamic)"), ("lococo", f"LoCoCo M={cfg.num_slots}")):
+    for method, title in (("full", "full (Dynamic)"), ("lococo", f"LoCoCo M={mean_slots}")):
         ppl, peak_bytes, peak_entries, seconds = results[method]
         print(f"  {title:<14}" + "".join(f"{value:>12.2f}" for _, value in ppl)
               + f"{peak_bytes / 2**20:>9.1f} MiB{peak_entries:>10}{ids.shape[1] / seconds:>8.1f}")
@@ -127,6 +139,6 @@ def main(args) -> int:
                                  **{cache_kwarg(model): cache})
         tail = tokenizer.decode(ids[0, -60:])
         continuation = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        print(f"\n  ...{tail}\n  >>> continued from the {cfg.num_slots}-slot cache "
+        print(f"\n  ...{tail}\n  >>> continued from the {mean_slots}-slot cache "
               f"({cache.get_seq_length()} tokens seen):\n  {continuation}")
     return 0
