@@ -13,7 +13,7 @@ from lococo import SlotQuantization
 from lococo.hf.caches import kv_bytes
 from lococo.quantization import QuantizedTensor
 
-from hf_models import cache_kw, random_ids, tiny_compressor, tiny_model
+from hf_models import cache_kw, random_ids, save_model_and_document, tiny_compressor, tiny_model
 
 SPECS = [SlotQuantization(8), SlotQuantization(4), SlotQuantization(8, format="fp8"),
          SlotQuantization(4, group_size=8, key_axis="channel"), SlotQuantization(8, group_size=16)]
@@ -307,8 +307,6 @@ def test_slots_rounded_in_training_pass_gradients_straight_through():
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    from hf_models import save_model_and_document
-
     root = tmp_path_factory.mktemp("quantized")
     return root, save_model_and_document(root, seed=91, words=80)
 
