@@ -333,3 +333,30 @@ def test_cache_implementation_after_apply_lococo_works_or_is_refused():
     lococo.apply_lococo(model)   # no compressor: "lococo" has nothing to build from
     with pytest.raises(ValueError, match="needs a compressor"):
         generate(model, ids, max_new_tokens=3, cache_implementation="lococo")
+
+
+def test_calibrate_measures_with_quantized_slots_and_reallocates_from_curves(saved, capsys):
+    from lococo.recipes import cli
+
+    root, doc = saved
+    out = root / "calibrated-int8"
+    assert cli.main(["calibrate", "--model", str(root / "model"), "--docs", doc, "--max-tokens", "160",
+                     "--grid", "8,12,16,24,32", "--mean", "12", "--floor", "8", "--num-local", "2", "--beta", "2",
+                     "-B", "8", "--kv-bits", "8", "--kv-group", "8", "--output", str(out)]) == 0
+    measured = Budgets.load(out / "budgets-m12.json")
+    assert measured.details["kv_storage"] == "int8, groups of 8"
+    assert measured.details["name"].endswith("-h2o-int8-m12")
+    # --curves: nothing measured, the same curves allocated at other means, the settings of the file kept
+    again = root / "reallocated"
+    assert cli.main(["calibrate", "--model", str(root / "model"), "--curves", str(out / "budgets-m12.json"),
+                     "--mean", "12,20", "--floor", "8", "--output", str(again)]) == 0
+    for mean in (12, 20):
+        budgets = Budgets.load(again / f"budgets-m{mean}.json")
+        assert budgets.details["errors"] == measured.details["errors"]
+        assert budgets.details["kv_storage"] == "int8, groups of 8" and budgets.details["num_local"] == 2
+        assert list(budgets.num_slots) == allocate(measured.details["grid"], measured.details["errors"], 2 * mean, 8,
+                                                   step=4)
+    with pytest.raises(SystemExit):
+        cli.main(["calibrate", "--curves", str(out / "budgets-m12.json"), "--kv-bits", "4", "--output",
+                  str(root / "bad")])
+    assert "--curves allocates from curves already measured" in capsys.readouterr().err
