@@ -204,3 +204,14 @@ def test_cuda_graph_capture_and_replay(seed):
     assert_close_to_reference(out, args, "replayed on new inputs")
     for a, b in zip(out, op(*args)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.xfail(strict=True, reason="open: the CPU backward of the SmolLM2 decode shape takes another path than the "
+                                       "reference for this seed (weight error 0.05 against torch's own 5e-6); the "
+                                       "forward matches. Found by the random-seed test; remove the mark when fixed.")
+def test_backward_of_the_decode_shape_at_a_seed_that_fails():
+    case = SAMPLES[12]
+    args = make_args(case, "cpu", torch.float32, 1435829093)
+    grad_out = random_grad_out(case, "cpu", torch.float32, 1435829093)
+    result = compare_backward(grads_of(op, args, grad_out), args, grad_out)
+    assert result.ok, result.detail
