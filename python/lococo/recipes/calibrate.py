@@ -41,7 +41,6 @@ from .argtypes import (
     int_at_least,
     non_negative_int,
     positive_int,
-    slot_storage,
 )
 
 CALIBRATED_METHODS = ("h2o", "tova", "streaming")
@@ -116,13 +115,10 @@ def validate(args) -> None:
     for path in args.docs or []:
         if not Path(path).is_file():
             raise UsageError(f"--docs {path}: no such file")
-    head_dim = None
-    if args.kv_bits in (8, 4):
-        from ..compressor import ModelGeometry
-        from .evaluate import model_config
+    from .evaluate import fill_quantization
 
-        head_dim = ModelGeometry.of(model_config(args.model, args.assets_dir)).head_dim
-    args.quantization = slot_storage(args, head_dim) or None
+    fill_quantization(args)   # False (--kv-bits 16) means the model's dtype here too
+    args.quantization = args.quantization or None
     check_writable(Path(args.output), "--output")
 
 
