@@ -282,8 +282,37 @@ class LoCoCoCompressor(nn.Module):
         """Raises ValueError saying what differs when this compressor does not fit the model."""
         self.geometry.require_fit(model_or_config, "this LoCoCo compressor")
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """Writes lococo_config.json and lococo_compressor.safetensors into the folder ``path``."""
+    def save_pretrained(self, path: str | Path, *, model_card: bool = False, repo_id: str | None = None,
+                        push_to_hub: bool = False, model_card_kwargs: dict | None = None,
+                        **push_to_hub_kwargs) -> str | None:
+        """Saves the compressor into the folder ``path``, as ``ModelHubMixin.save_pretrained`` does a model.
+
+        Writes lococo_config.json and lococo_compressor.safetensors. With ``model_card=True``, or
+        ``model_card_kwargs``, or ``push_to_hub=True``, also the model card README.md (unless the folder
+        has one), made by huggingface_hub (the ``hf`` extra): the config summarised, the model it was
+        built for, how to load it. ``model_card_kwargs`` fill or override the card's fields, e.g.
+        ``{"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct"}``. With ``push_to_hub=True`` it then
+        uploads the compressor to the Hub repo ``repo_id`` (default: the folder's name), as
+        ``push_to_hub``, and returns the commit's URL.
+        """
+        from . import hub
+
+        return hub.save_pretrained(self, path, model_card=model_card, repo_id=repo_id, push_to_hub=push_to_hub,
+                                   model_card_kwargs=model_card_kwargs, **push_to_hub_kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Uploads the compressor and its model card to the Hub repo ``repo_id`` (``"user/repo"``) in one commit.
+
+        ``ModelHubMixin.push_to_hub`` itself: the keywords are its own (``commit_message``, ``private``,
+        ``token``, ``branch``, ``create_pr``, ``allow_patterns``, ``ignore_patterns``, ``delete_patterns``,
+        ``model_card_kwargs``). Returns the URL of the commit.
+        """
+        from . import hub
+
+        return hub.push(self, repo_id, **kwargs)
+
+    def _save_pretrained(self, path: str | Path) -> None:
+        """The ``ModelHubMixin`` hook: writes lococo_config.json and lococo_compressor.safetensors into ``path``."""
         from safetensors.torch import save_file
 
         from ._version import __version__
@@ -297,17 +326,41 @@ class LoCoCoCompressor(nn.Module):
         save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, model=None, device=None, dtype=None) -> LoCoCoCompressor:
-        """Loads a compressor saved by ``save_pretrained``, from a folder or by the name of a shipped one.
+    def from_pretrained(cls, path: str | Path, model=None, device=None, dtype=None, *, revision: str | None = None,
+                        cache_dir: str | Path | None = None, force_download: bool = False,
+                        local_files_only: bool = False, token: str | bool | None = None) -> LoCoCoCompressor:
+        """Loads a compressor saved by ``save_pretrained``: from a folder, a shipped name or a Hub repo.
 
-        ``pretrained_names()`` lists the shipped compressors (``"smollm2-135m-m128"``, ...).
+        ``path``: a folder; else the name of a shipped compressor (``pretrained_names()``:
+        ``"smollm2-135m-m128"``, ...); else a Hugging Face Hub repo id (``"user/repo"``), whose
+        lococo_config.json and lococo_compressor.safetensors are downloaded into the Hub cache as
+        ``ModelHubMixin.from_pretrained`` does, with its keywords (``revision``, ``cache_dir``,
+        ``force_download``, ``local_files_only``, ``token``; ``HF_HUB_OFFLINE=1`` reads the cache only).
+        A folder or shipped name never touches the network.
 
         With ``model`` (a model or its config), checks that the compressor fits it and raises a
         ValueError saying what differs; the device then defaults to the model's.
         """
+        # Not ModelHubMixin.from_pretrained, which would first fetch config.json and pass it to __init__: a
+        # compressor has none (lococo_config.json is read and checked instead). Straight to the mixin's hook.
+        return cls._from_pretrained(model_id=path, revision=revision, cache_dir=cache_dir,
+                                    force_download=force_download, local_files_only=local_files_only, token=token,
+                                    model=model, device=device, dtype=dtype)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str | Path, revision: str | None, cache_dir: str | Path | None,
+                         force_download: bool, local_files_only: bool, token: str | bool | None, model=None,
+                         device=None, dtype=None) -> LoCoCoCompressor:
+        """The ``ModelHubMixin`` hook: finds the folder (local, shipped or downloaded), then reads and checks it."""
         from safetensors.torch import load_file
 
-        path = compressor_folder(path)
+        path = compressor_folder(model_id)
+        if not path.exists() and isinstance(model_id, str):
+            from . import hub
+
+            if hub.is_repo_id(model_id):
+                path = hub.download(model_id, (CONFIG_FILE, WEIGHTS_FILE), revision=revision, cache_dir=cache_dir,
+                                    force_download=force_download, local_files_only=local_files_only, token=token)
         if not (path / WEIGHTS_FILE).is_file():
             raise _missing(path)
         config, geometry = read_compressor_config(path)
@@ -315,7 +368,7 @@ class LoCoCoCompressor(nn.Module):
             theirs = geometry.require_fit(model, f"the compressor in {path}")
             if theirs.model_type != geometry.model_type:
                 warnings.warn(f"the compressor in {path} was trained on a {geometry.model_type} model and is "
-                              f"loaded for a {theirs.model_type} model of the same shapes", stacklevel=2)
+                              f"loaded for a {theirs.model_type} model of the same shapes", stacklevel=3)
             if device is None and isinstance(model, nn.Module):
                 device = next(model.parameters()).device
         check_weights(path, config, geometry)
