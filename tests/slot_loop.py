@@ -108,6 +108,12 @@ class SlotLoop:
         self.scores: list[torch.Tensor | None] = [None] * n_layers   # [b, kv_heads, L], latest call
         self.compressions = [0] * n_layers
         self.round_slots = round_slots
+        # a model that mixes sliding-window and full-attention layers: its sliding-window layers keep every entry
+        # and attend within the window (counted in cache positions, padding included), never compressed
+        types = list(getattr(model.config, "layer_types", None) or [])
+        mixed = "full_attention" in types and "sliding_attention" in types
+        self.windows = [model.config.sliding_window if mixed and t == "sliding_attention" else None
+                        for t in types] if mixed else [None] * n_layers
 
     @property
     def num_compressions(self) -> int:
@@ -171,7 +177,8 @@ class SlotLoop:
             attn = layer.self_attn
             d = attn.head_dim
             qs, ks, vs = layer_qkv(layer, x, cos, sin)
-            if self.keys[i] is not None and self.keys[i].shape[2] > self.slots[i] + self.beta:
+            window = self.windows[i]
+            if window is None and self.keys[i] is not None and self.keys[i].shape[2] > self.slots[i] + self.beta:
                 self._compress(i)
             if self.keys[i] is None:
                 self.keys[i], self.values[i], self.valid[i] = ks, vs, valid.clone()
@@ -184,6 +191,8 @@ class SlotLoop:
             stored, groups = L - q, qs.shape[1] // kvh
             causal = torch.arange(L) < stored + torch.arange(q).unsqueeze(-1) + 1        # [q, L]
             allowed = causal & self.valid[i][:, None, :]                                   # [b, q, L]
+            if window is not None:
+                allowed = allowed & (stored + torch.arange(q).unsqueeze(-1) - torch.arange(L) < window)
             grouped = qs.reshape(b, kvh, groups, q, d)        # query heads of a KV group are contiguous
             logits = torch.einsum("bkgqd,bkld->bkgql", grouped, K) * attn.scaling
             p = torch.softmax(logits.masked_fill(~allowed[:, None, None], float("-inf")), dim=-1)
@@ -206,6 +215,8 @@ def assert_cache_matches_loop(cache, loop: SlotLoop, got_logits: torch.Tensor, w
     real = mask.bool()
     torch.testing.assert_close(got_logits[real], want_logits[real], rtol=1e-4, atol=1e-4)
     for i, layer in enumerate(cache.layers):
+        if loop.windows[i] is not None:
+            continue
         for row in range(mask.shape[0]):
             n = int(layer.valid_len[row])
             want_k, want_v = loop.valid_entries(i, row)

@@ -44,7 +44,9 @@ def test_info_reports_versions_ranges_compressors_budgets_and_assets(tmp_path, m
     assets = report["assets"]
     assert assets["cache"] == str(tmp_path / "no-assets")
     assert assets["model"] == "missing (python -m lococo assets fetch)"
-    assert all(v.startswith("missing") for k, v in assets.items() if k != "cache")
+    # a model fetched on request only is "not fetched", with the command that fetches it
+    assert assets["gemma3-270m"] == "not fetched (python -m lococo assets fetch --only gemma3-270m)"
+    assert all(v.startswith("missing") for k, v in assets.items() if k not in ("cache", "gemma3-270m"))
 
 
 def _geometry():

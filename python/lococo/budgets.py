@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Budgets", "allocate", "per_layer_slots", "proportional_slots", "pyramid_slots"]
+__all__ = ["Budgets", "allocate", "per_layer_slots", "proportional_slots", "pyramid_slots", "slots_for_budget"]
 
 FILE_FORMAT = "lococo-budgets"
 FORMAT_VERSION = 1
@@ -148,6 +148,45 @@ def per_layer_slots(num_slots, num_layers: int, name: str = "num_slots") -> list
         return list(num_slots.num_slots)
     raise TypeError(f"{name} must be an int, a list of ints, a lococo.Budgets or a budget file, "
                     f"got {type(num_slots).__name__}")
+
+
+def slots_for_budget(num_slots=None, *, compression_ratio: float | None = None, context_length: int | None = None,
+                     kv_tokens: int | None = None, beta: int = 16, model=None):
+    """``num_slots`` from one of the three ways to give a budget; the other two must be None.
+
+    - ``num_slots``: M, or per-layer budgets (returned as given);
+    - ``compression_ratio`` r in (0, 1]: keep r of a context's entries, M = round(r x ``context_length``), the
+      context defaulting to ``model``'s ``max_position_embeddings`` (a model or its config);
+    - ``kv_tokens`` N: the most entries a layer ever holds while decoding, M + beta = N, so M = N - beta.
+
+    ValueError naming the argument when none or several are given, or a value is out of range.
+    """
+    given = [name for name, value in (("num_slots", num_slots), ("compression_ratio", compression_ratio),
+                                      ("kv_tokens", kv_tokens)) if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"give one budget, not {' and '.join(given)}")
+    if context_length is not None and compression_ratio is None:
+        raise ValueError("context_length goes with compression_ratio")
+    if compression_ratio is not None:
+        if isinstance(compression_ratio, bool) or not isinstance(compression_ratio, (int, float)) or not (
+                0 < compression_ratio <= 1):
+            raise ValueError(f"compression_ratio must be in (0, 1], got {compression_ratio!r}")
+        if context_length is None:
+            config = getattr(model, "config", model)
+            if hasattr(config, "get_text_config"):
+                config = config.get_text_config(decoder=True)
+            context_length = getattr(config, "max_position_embeddings", None)
+            if context_length is None:
+                raise ValueError("compression_ratio needs context_length (the model gives no max_position_embeddings)")
+        if not _is_int(context_length) or context_length < 1:
+            raise ValueError(f"context_length must be a positive integer, got {context_length!r}")
+        return max(1, round(compression_ratio * context_length))
+    if kv_tokens is not None:
+        if not _is_int(kv_tokens) or kv_tokens < beta + 1:
+            raise ValueError(f"kv_tokens must be an integer above beta = {beta} (M = kv_tokens - beta), got "
+                             f"{kv_tokens!r}")
+        return kv_tokens - beta
+    return num_slots
 
 
 def _round_to_total(shares: Sequence[float], total: int, floor: int) -> list[int]:

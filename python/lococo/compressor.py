@@ -13,7 +13,7 @@ from torch import nn
 from .config import ADDED_FIELDS, LoCoCoConfig
 from .ops import fuse_kv
 
-__all__ = ["LayerCompressor", "LoCoCoCompressor", "ModelGeometry", "read_compressor_config"]
+__all__ = ["LayerCompressor", "LoCoCoCompressor", "ModelGeometry", "WindowedLayer", "read_compressor_config"]
 
 CONFIG_FILE = "lococo_config.json"
 WEIGHTS_FILE = "lococo_compressor.safetensors"
@@ -75,6 +75,35 @@ class LayerCompressor(nn.Module):
                 f"bias={self.bias is not None}, slot_bias={self.slot_logit is not None}")
 
 
+def windowed_layers(config, num_layers: int) -> tuple[tuple[int, ...], int | None]:
+    """(sliding-window layers, window) of a decoder config that mixes them with full-attention layers, else ((), None).
+
+    Read from ``config.layer_types`` (transformers 5: "sliding_attention" / "full_attention"). A model whose
+    every layer is windowed (Mistral's ``sliding_window``) has none here: its layers are all compressed, and the
+    window must exceed what a layer stores (``apply_lococo`` checks it).
+    """
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    if len(layer_types) != num_layers:
+        return (), None
+    windowed = tuple(i for i, kind in enumerate(layer_types) if kind == "sliding_attention")
+    if not windowed or len(windowed) == num_layers:
+        return (), None
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or window < 1:
+        raise TypeError(f"{type(config).__name__} has sliding-window layers {list(windowed)} but no sliding_window")
+    return windowed, int(window)
+
+
+class WindowedLayer(nn.Module):
+    """The place of a sliding-window layer in a ``LoCoCoCompressor``: transformers' window cache keeps that layer's
+    entries (docs/design.md#sliding-window-layers), so there is nothing to learn and no parameter."""
+
+    num_fused = 0
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("a sliding-window layer is not compressed: its cache is transformers' window")
+
+
 @dataclass(frozen=True)
 class ModelGeometry:
     """What a compressor must agree on with the model it compresses."""
@@ -83,6 +112,11 @@ class ModelGeometry:
     num_layers: int
     head_dim: int
     num_kv_heads: int
+    # Models that mix sliding-window and full-attention layers (Gemma 3, Qwen3 with use_sliding_window): the
+    # sliding-window layers, which keep transformers' own window cache (docs/design.md#sliding-window-layers),
+    # and their window. Empty when every layer is full attention, or when every layer is windowed (Mistral).
+    windowed_layers: tuple[int, ...] = ()
+    sliding_window: int | None = None
 
     @classmethod
     def of(cls, model_or_config) -> ModelGeometry:
@@ -94,10 +128,25 @@ class ModelGeometry:
             num_heads = config.num_attention_heads
             head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
             num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-            return cls(str(getattr(config, "model_type", "")), int(config.num_hidden_layers),
-                       int(head_dim), int(num_kv_heads))
+            num_layers = int(config.num_hidden_layers)
         except AttributeError as exc:
             raise TypeError(f"cannot read the attention geometry of {type(config).__name__}: {exc}") from exc
+        windowed, window = windowed_layers(config, num_layers)
+        return cls(str(getattr(config, "model_type", "")), num_layers, int(head_dim), int(num_kv_heads),
+                   windowed, window)
+
+    @property
+    def compressed_layers(self) -> list[int]:
+        """The decoder layers a fixed-slot cache compresses: all but the sliding-window layers of a mixed model."""
+        return [i for i in range(self.num_layers) if i not in self.windowed_layers]
+
+    def to_dict(self) -> dict:
+        """The fields ``save_pretrained`` records (the window fields only for a mixed model)."""
+        data = {"model_type": self.model_type, "num_layers": self.num_layers, "head_dim": self.head_dim,
+                "num_kv_heads": self.num_kv_heads}
+        if self.windowed_layers:
+            data.update(windowed_layers=list(self.windowed_layers), sliding_window=self.sliding_window)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelGeometry:
@@ -111,10 +160,23 @@ class ModelGeometry:
             value = data[name]
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
-        unknown = sorted(set(data) - {"model_type", "num_layers", "head_dim", "num_kv_heads"})
+        unknown = sorted(set(data) - {"model_type", "num_layers", "head_dim", "num_kv_heads", "windowed_layers",
+                                      "sliding_window"})
         if unknown:
             raise ValueError(f"model has unknown fields {unknown}")
-        return cls(data["model_type"], data["num_layers"], data["head_dim"], data["num_kv_heads"])
+        windowed = data.get("windowed_layers", [])
+        if not (isinstance(windowed, list) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                   and 0 <= i < data["num_layers"] for i in windowed)
+                and all(a < b for a, b in zip(windowed, windowed[1:]))):
+            raise ValueError("model.windowed_layers must be increasing layer indices below num_layers, got "
+                             f"{windowed!r}")
+        if len(windowed) == data["num_layers"]:
+            raise ValueError("model.windowed_layers covers every layer: nothing would be compressed")
+        window = data.get("sliding_window")
+        if windowed and not (isinstance(window, int) and not isinstance(window, bool) and window >= 1):
+            raise ValueError(f"model.sliding_window must be a positive integer with windowed_layers, got {window!r}")
+        return cls(data["model_type"], data["num_layers"], data["head_dim"], data["num_kv_heads"], tuple(windowed),
+                   window if windowed else None)
 
     def differences(self, other: ModelGeometry) -> list[str]:
         """The shape-relevant fields that differ, in words (model_type and KV heads excluded)."""
@@ -123,6 +185,8 @@ class ModelGeometry:
             out.append(f"{self.num_layers} decoder layers vs {other.num_layers}")
         if self.head_dim != other.head_dim:
             out.append(f"head_dim {self.head_dim} vs {other.head_dim}")
+        if self.windowed_layers != other.windowed_layers:
+            out.append(f"sliding-window layers {list(self.windowed_layers)} vs {list(other.windowed_layers)}")
         return out
 
     def require_fit(self, model_or_config, subject: str) -> ModelGeometry:
@@ -237,6 +301,7 @@ class LoCoCoCompressor(nn.Module):
         self.config = config
         self.geometry = geometry
         self.layers = nn.ModuleList(
+            WindowedLayer() if i in geometry.windowed_layers else
             LayerCompressor(geometry.head_dim, config.layer(i).num_fused, config.kernel_size, config.init_std,
                             config.alpha_init, slot_bias=config.slot_bias, device=device, dtype=dtype)
             for i in range(geometry.num_layers))
@@ -250,9 +315,20 @@ class LoCoCoCompressor(nn.Module):
         ``from_pretrained`` (``pretrained_names()`` lists those shipped with lococo).
 
         ``config_fields`` build the ``LoCoCoConfig`` when ``config`` is not given; their ``num_slots`` may be
-        one M per layer: a list, a ``lococo.Budgets`` or a budget file (path or shipped name). The device
-        defaults to the model's.
+        one M per layer: a list, a ``lococo.Budgets`` or a budget file (path or shipped name). Instead of
+        ``num_slots`` the budget may be ``compression_ratio`` (with ``context_length``, default the model's
+        positions) or ``kv_tokens`` (see ``lococo.budgets.slots_for_budget``). The device defaults to the model's.
         """
+        budget = {k: config_fields.pop(k) for k in ("compression_ratio", "context_length", "kv_tokens")
+                  if k in config_fields}
+        if budget:
+            from .budgets import slots_for_budget
+
+            if config is not None:
+                raise TypeError("give either a LoCoCoConfig or its fields (with a budget), not both")
+            beta = config_fields.get("beta", LoCoCoConfig.beta)
+            config_fields["num_slots"] = slots_for_budget(config_fields.get("num_slots"), beta=beta,
+                                                          model=model_or_config, **budget)
         if config is None:
             if isinstance(config_fields.get("num_slots"), (str, Path)):  # a budget file or a shipped name
                 from .budgets import per_layer_slots
@@ -274,9 +350,14 @@ class LoCoCoCompressor(nn.Module):
 
     def needs_scores(self) -> bool:
         """False only for pure convolution (no heavy hitters and alpha = 1 in every layer)."""
-        if any(self.config.layer(i).num_heavy > 0 for i in range(len(self.layers))):
+        compressed = self.compressed_layers()
+        if any(self.config.layer(i).num_heavy > 0 for i in compressed):
             return True
-        return any(float(layer.alpha.detach()) != 1.0 for layer in self.layers)
+        return any(float(self.layers[i].alpha.detach()) != 1.0 for i in compressed)
+
+    def compressed_layers(self) -> list[int]:
+        """The decoder layers this compressor compresses: every one except a mixed model's sliding-window layers."""
+        return self.geometry.compressed_layers
 
     def check_model(self, model_or_config) -> None:
         """Raises ValueError saying what differs when this compressor does not fit the model."""
@@ -320,7 +401,7 @@ class LoCoCoCompressor(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         meta = {"format_version": FORMAT_VERSION, "lococo_version": __version__,
-                "config": self.config.to_dict(), "model": self.geometry.__dict__}
+                "config": self.config.to_dict(), "model": self.geometry.to_dict()}
         (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in self.state_dict().items()}
         save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})

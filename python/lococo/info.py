@@ -113,7 +113,8 @@ def assets_status(cache: str | None = None) -> dict[str, str]:
         if not isinstance(entry, dict):
             continue
         if not entry.get("ok"):
-            out[name] = f"missing ({assets.FETCH_COMMAND})"
+            only = f" --only {name}" if entry.get("optional") else ""
+            out[name] = f"{'not fetched' if only else 'missing'} ({assets.FETCH_COMMAND}{only})"
         elif "documents" in entry:
             out[name] = f"ok ({entry['documents']} documents, version {entry.get('version', '?')})"
         else:

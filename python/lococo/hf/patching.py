@@ -36,13 +36,15 @@ class ModelSupport:
     sliding_window_attr: str | None = None  # a config field that, when set, windows every layer
 
 
-# model_type -> support entry. Llama-family decoders: RoPE, GQA, one full-attention cache layer
-# per decoder layer, attention through transformers' AttentionInterface. SmolLM2 is "llama".
+# model_type -> support entry. Decoders with RoPE, GQA, one cache layer per decoder layer and attention through
+# transformers' AttentionInterface. SmolLM2 is "llama". Full-attention layers get fixed slots; in a model that mixes
+# them with sliding-window layers (Gemma 3, Qwen2/3 with use_sliding_window) those keep transformers' window cache.
 SUPPORTED_MODEL_TYPES: dict[str, ModelSupport] = {
     "llama": ModelSupport(),
     "mistral": ModelSupport(sliding_window_attr="sliding_window"),
-    "qwen2": ModelSupport(),
-    "qwen3": ModelSupport(),
+    "qwen2": ModelSupport(sliding_window_attr="sliding_window"),
+    "qwen3": ModelSupport(sliding_window_attr="sliding_window"),
+    "gemma3_text": ModelSupport(),
 }
 
 _STATE_ATTR = "_lococo_state"
@@ -71,12 +73,12 @@ def _support_for(model) -> ModelSupport:
 def _check_layers(model, support: ModelSupport, compressor: LoCoCoCompressor | None) -> None:
     config = model.config
     layer_types = getattr(config, "layer_types", None) or []
-    sliding = [i for i, t in enumerate(layer_types) if t != "full_attention"]
-    if sliding:
+    other = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
+    if other:
         raise NotImplementedError(
-            f"{config.model_type}: layers {sliding} are not full attention ({sorted(set(layer_types))}); "
-            "lococo replaces full-attention caches only (set use_sliding_window=False)")
-    if support.sliding_window_attr and compressor is not None:
+            f"{config.model_type}: layers of types {other}; lococo compresses full-attention layers and leaves "
+            "sliding-window layers to transformers' window cache, and knows no other kind")
+    if support.sliding_window_attr and compressor is not None and "full_attention" not in layer_types:
         window = getattr(config, support.sliding_window_attr, None)
         cfg = compressor.config
         if window is not None and window <= cfg.max_slots + cfg.beta:
@@ -125,7 +127,8 @@ def _before_forward(model, state: _PatchState, module, args, kwargs):
     if isinstance(cache, FixedSlotCache):
         if cache.get_seq_length() == 0:   # its first forward: a cache built for another model fails here
             cache.check_model(model)
-        if len(set(cache.num_slots)) > 1 and model.config._attn_implementation not in attention.FITS_MASKS:
+        if len({m for m in cache.num_slots if m is not None}) > 1 and \
+                model.config._attn_implementation not in attention.FITS_MASKS:
             raise ValueError(
                 f"this cache has per-layer budgets, which need the lococo attention (it fits each layer's mask), but "
                 f"the model runs {model.config._attn_implementation!r}: call lococo.apply_lococo(model) without a "

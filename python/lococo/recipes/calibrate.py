@@ -58,7 +58,8 @@ def int_list(text: str) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="a from_pretrained folder (default: the fetched SmolLM2-135M)")
+    parser.add_argument("--model", default=None, help="a from_pretrained folder, or a fetched model: smollm2-135m "
+                        "(default) or gemma3-270m")
     add_assets_dir(parser)
     parser.add_argument("--docs", nargs="+", metavar="FILE", help="your own plain-text calibration documents "
                         "(default: the packaged split's training documents)")
@@ -166,7 +167,7 @@ def calibration_documents(args, tokenizer) -> list[tuple[str, list[int]]]:
         texts = [(doc.id, assets.read_document(doc.id, args.assets_dir)) for doc in usable]
     docs = []
     for name, text in texts:
-        ids = tokenizer(text, add_special_tokens=False).input_ids[:args.max_tokens]
+        ids = assets.encode(tokenizer, text)[:args.max_tokens]
         if len(ids) < args.max_tokens:
             print(f"lococo calibrate: warning: {name} has {len(ids)} tokens, fewer than --max-tokens "
                   f"{args.max_tokens}; left out", file=sys.stderr)
@@ -188,8 +189,9 @@ def cache_layer(method: str, num_slots: int, args):
     return StreamingLLMLayer(num_slots, args.beta, quantization=storage)
 
 
-def measure_curves(args, model, docs) -> list[list[float]]:
-    """errors[layer][j]: the layer's mean error per chunk with grid[j] slots, averaged over the documents."""
+def measure_curves(args, model, docs) -> list[list[float] | None]:
+    """errors[layer][j]: the layer's mean error per chunk with grid[j] slots, averaged over the documents; None for
+    a sliding-window layer of a mixed model, which keeps transformers' window and is not compressed."""
     import torch
     from tqdm.auto import tqdm
 
@@ -198,7 +200,10 @@ def measure_curves(args, model, docs) -> list[list[float]]:
     register_capture()
     original = model.config._attn_implementation
     model.set_attn_implementation(CAPTURE)
+    from ..compressor import ModelGeometry
+
     decoder_layers = model.model.layers
+    compressed = ModelGeometry.of(model).compressed_layers
     sums = [[0.0] * len(args.grid) for _ in decoder_layers]
     residual: dict[int, torch.Tensor] = {}   # layer -> [b, T] squared norm of the hidden state entering it
 
@@ -208,11 +213,14 @@ def measure_curves(args, model, docs) -> list[list[float]]:
 
     hooks = [layer.register_forward_pre_hook(functools.partial(record_residual, i), with_kwargs=True)
              for i, layer in enumerate(decoder_layers)] if getattr(args, "error", "relative") == "residual" else []
-    bar = tqdm(total=len(docs) * len(decoder_layers), desc="lococo calibrate", unit="layer")
+    bar = tqdm(total=len(docs) * len(compressed), desc="lococo calibrate", unit="layer")
     try:
         for _, ids in docs:
             records = teacher_records(model, torch.tensor([ids], device=next(model.parameters()).device))
             for index, decoder_layer in enumerate(decoder_layers):
+                if index not in compressed:
+                    records[index] = None
+                    continue
                 attn = decoder_layer.self_attn
                 with torch.no_grad():
                     for j, num_slots in enumerate(args.grid):
@@ -226,7 +234,7 @@ def measure_curves(args, model, docs) -> list[list[float]]:
         for hook in hooks:
             hook.remove()
         model.set_attn_implementation(original)
-    return [[value / len(docs) for value in layer] for layer in sums]
+    return [[value / len(docs) for value in layer] if i in compressed else None for i, layer in enumerate(sums)]
 
 
 def write_outputs(args, errors, allocations: dict[int, list[int]], docs, geometry, seconds: float, name: str):
@@ -238,17 +246,19 @@ def write_outputs(args, errors, allocations: dict[int, list[int]], docs, geometr
         writer = csv.writer(handle)
         writer.writerow(["layer", *(f"M={m}" for m in args.grid)])
         for layer, curve in enumerate(errors):
-            writer.writerow([layer, *(f"{e:.6g}" for e in curve)])
+            if curve is not None:   # sliding-window layers are not compressed
+                writer.writerow([layer, *(f"{e:.6g}" for e in curve)])
     details = {
         "method": args.method, "error": args.error, "num_local": args.num_local if args.method != "streaming" else 0,
         "beta": args.beta, "chunk_size": args.chunk_size, "floor": args.floor, "step": args.step,
         "allocation": args.allocation, "kv_storage": storage_label(args),
         "documents": [doc for doc, _ in docs], "tokens_per_document": args.max_tokens, "dtype": args.dtype,
-        "grid": args.grid, "errors": [[round(e, 6) for e in curve] for curve in errors], "seconds": round(seconds, 1),
+        "grid": args.grid, "errors": [None if curve is None else [round(e, 6) for e in curve] for curve in errors],
+        "seconds": round(seconds, 1),
     }
     files = []
     for mean, slots in allocations.items():
-        budgets = Budgets(tuple(slots), source="calibrated", model=geometry.__dict__,
+        budgets = Budgets(tuple(slots), source="calibrated", model=geometry.to_dict(),
                           details={**details, "name": f"{name}-{args.method}{storage_suffix(args)}-m{mean}",
                                    "mean_slots": mean})
         files.append(budgets.save(out / f"budgets-m{mean}.json"))
@@ -263,11 +273,17 @@ def write_outputs(args, errors, allocations: dict[int, list[int]], docs, geometr
              "| layer | " + " | ".join(f"M={m}" for m in args.grid) + " | "
              + " | ".join(f"mean {m}" for m in means) + " |",
              "|---:|" + "---:|" * (len(args.grid) + len(means))]
-    for layer, curve in enumerate(errors):
-        lines.append(f"| {layer} | " + " | ".join(f"{e:.4f}" for e in curve) + " | "
+    measured = [layer for layer, curve in enumerate(errors) if curve is not None]
+    for layer in measured:
+        lines.append(f"| {layer} | " + " | ".join(f"{e:.4f}" for e in errors[layer]) + " | "
                      + " | ".join(str(allocations[m][layer]) for m in means) + " |")
-    lines.append("| sum | " + " | ".join(f"{sum(c[j] for c in errors):.4f}" for j in range(len(args.grid))) + " | "
-                 + " | ".join(str(sum(allocations[m])) for m in means) + " |")
+    lines.append("| sum | " + " | ".join(f"{sum(errors[i][j] for i in measured):.4f}" for j in range(len(args.grid)))
+                 + " | " + " | ".join(str(sum(allocations[m][i] for i in measured)) for m in means) + " |")
+    if len(measured) < len(errors):
+        lines += ["", f"Layers {[i for i in range(len(errors)) if i not in measured]} are sliding-window layers: they "
+                  "keep transformers' window cache, are not compressed, and their entries in the budget file "
+                  "(the mean) "
+                  "are not used."]
     (out / "calibrate.md").write_text("\n".join(lines) + "\n")
     plot(out / "budgets.png", args.grid, errors, allocations, name)
     return files
@@ -293,7 +309,8 @@ def plot(path: Path, grid, errors, allocations: dict[int, list[int]], name: str)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = plt.cm.viridis([i / max(1, len(errors) - 1) for i in range(len(errors))])
     for layer, curve in enumerate(errors):
-        left.plot(grid, curve, color=colors[layer], marker=".", lw=1, label=str(layer) if layer % 5 == 0 else None)
+        if curve is not None:
+            left.plot(grid, curve, color=colors[layer], marker=".", lw=1, label=str(layer) if layer % 5 == 0 else None)
     left.set(xscale="log", yscale="log", xlabel="slots M", ylabel="layer error", title=f"{name}: error against M")
     left.legend(title="layer", fontsize=7)
     left.grid(alpha=0.3)
@@ -318,7 +335,7 @@ def main(args) -> int:
     from . import assets
 
     started = time.perf_counter()
-    model_path = args.model or assets.model_dir(args.assets_dir)
+    model_path = assets.resolve_model(args.model, args.assets_dir)
     name = args.name or Path(str(model_path)).name
     if args.curves is not None:
         geometry = ModelGeometry.of(AutoConfig.from_pretrained(model_path))
@@ -332,15 +349,21 @@ def main(args) -> int:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, args.dtype)).eval()
         geometry = ModelGeometry.of(model)
         errors = measure_curves(args, model, docs)
+    compressed = geometry.compressed_layers
+    if [i for i, curve in enumerate(errors) if curve is not None] != compressed:
+        raise UsageError(f"the curves cover layers {[i for i, c in enumerate(errors) if c is not None]}, the model "
+                         f"compresses {compressed}")
     allocations = {}
     for mean in args.mean:
         try:
-            total = mean * geometry.num_layers
-            allocations[mean] = (allocate(args.grid, errors, total, args.floor, step=args.step)
-                                 if args.allocation == "marginal" else
-                                 proportional_slots(args.grid, errors, total, args.floor, power=0.5))
+            total = mean * len(compressed)
+            curves = [errors[i] for i in compressed]
+            spent = (allocate(args.grid, curves, total, args.floor, step=args.step) if args.allocation == "marginal"
+                     else proportional_slots(args.grid, curves, total, args.floor, power=0.5))
         except ValueError as exc:
             raise UsageError(f"--mean {mean}: {exc}") from None
+        # a sliding-window layer's entry (not used) is the mean
+        allocations[mean] = [spent[compressed.index(i)] if i in compressed else mean for i in range(len(errors))]
     files = write_outputs(args, errors, allocations, docs, geometry, time.perf_counter() - started, name)
     print((Path(args.output) / "calibrate.md").read_text(), end="")
     for file in files:

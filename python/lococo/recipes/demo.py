@@ -108,7 +108,7 @@ def main(args) -> int:
     cfg = compressor.config
     apply_lococo(model, compressor)
 
-    ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids[:args.tokens]])
+    ids = torch.tensor([assets.encode(tokenizer, text)[:args.tokens]])
     print(f"lococo demo: SmolLM2-135M-Instruct reads {ids.shape[1]} tokens of {name}")
     slots = cfg.slots_per_layer(compressor.geometry.num_layers)
     mean_slots = round(sum(slots) / len(slots))

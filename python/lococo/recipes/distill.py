@@ -172,10 +172,11 @@ def load_checkpoint_files(folder: Path) -> run_folder.Checkpoint:
     recorded = run_folder.get(path, progress, "args", dict) if "args" in progress else None  # older: not recorded
     compressor = LoCoCoCompressor.from_pretrained(folder / "compressor", dtype=torch.float32)
     states = run_folder.load_tensors(folder / "optimizers.pt")
-    if not (isinstance(states, list) and len(states) == len(compressor.layers)
+    layers = len(compressor.compressed_layers())
+    if not (isinstance(states, list) and len(states) == layers
             and all(isinstance(s, dict) and {"state", "param_groups"} <= s.keys() for s in states)):
-        raise run_folder.DamagedFile(f"{folder / 'optimizers.pt'}: expected {len(compressor.layers)} optimizer "
-                                     "states, one per layer of the compressor")
+        raise run_folder.DamagedFile(f"{folder / 'optimizers.pt'}: expected {layers} optimizer "
+                                     "states, one per compressed layer of the compressor")
     return run_folder.Checkpoint(done, recorded, (compressor, states))
 
 
@@ -273,7 +274,9 @@ def build_compressor(args, model, plan: run_folder.RunPlan):
         except ValueError as exc:
             raise UsageError(f"--budgets {args.budgets}: {exc}") from None
     compressor.requires_grad_(True)
-    optimizers = [torch.optim.AdamW(layer.parameters(), lr=args.lr, weight_decay=0.0) for layer in compressor.layers]
+    # one per compressed layer (a mixed model's sliding-window layers have nothing to learn)
+    optimizers = [torch.optim.AdamW(compressor.layers[i].parameters(), lr=args.lr, weight_decay=0.0)
+                  for i in compressor.compressed_layers()]
     if plan.state is not None:
         for opt, state in zip(optimizers, states):
             opt.load_state_dict(state)
@@ -289,7 +292,8 @@ def train_batch(args, model, compressor, optimizers, ids, lr: float, compare: bo
     records = teacher_records(model, ids)
     teacher_seconds = time.perf_counter() - started
     errors, h2o_errors = [], []
-    for index, (layer, opt) in enumerate(zip(compressor.layers, optimizers)):
+    for index, opt in zip(compressor.compressed_layers(), optimizers):
+        layer = compressor.layers[index]
         attn = model.model.layers[index].self_attn
         for group in opt.param_groups:
             group["lr"] = lr
@@ -313,7 +317,7 @@ def train_batch(args, model, compressor, optimizers, ids, lr: float, compare: bo
         records[index] = None
     row = {"error": sum(errors) / len(errors), "layer_error": errors, "lr": lr,
            "seconds": time.perf_counter() - started, "teacher_seconds": teacher_seconds,
-           "alpha": [float(layer.alpha.detach()) for layer in compressor.layers]}
+           "alpha": [float(compressor.layers[i].alpha.detach()) for i in compressor.compressed_layers()]}
     if compare:
         row.update(h2o_error=sum(h2o_errors) / len(h2o_errors), layer_h2o_error=h2o_errors)
         row["ratio"] = row["error"] / row["h2o_error"]

@@ -74,7 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="recent entries H2O and TOVA always keep (default: the compressor's num_local, "
                              "else 0), so that they keep the same recent window as LoCoCo")
     parser.add_argument("--model", default=None,
-                        help="a from_pretrained folder (default: the fetched SmolLM2-135M)")
+                        help="a from_pretrained folder, or a fetched model: smollm2-135m (default) or "
+                             "gemma3-270m")
     add_assets_dir(parser)
     parser.add_argument("--docs", nargs="+", metavar="FILE", help="your own plain-text documents")
     parser.add_argument("--split", default="test", choices=["test", "dev"],
@@ -143,7 +144,7 @@ def model_config(model: str | None, assets_dir: str | None):
 
     from . import assets
 
-    path = model or assets.model_dir(assets_dir)
+    path = assets.resolve_model(model, assets_dir)
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
@@ -482,7 +483,7 @@ def set_up(args) -> Evaluation:
     from . import assets
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model_path = args.model or assets.model_dir(args.assets_dir)
+    model_path = assets.resolve_model(args.model, args.assets_dir)
     docs, left_out = select_documents(args) if args.task == "ppl" else ([], [])
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, args.dtype))
@@ -494,7 +495,7 @@ def set_up(args) -> Evaluation:
 
     token_ids = []
     for name, text in docs:
-        ids = tokenizer(text, add_special_tokens=False).input_ids
+        ids = assets.encode(tokenizer, text)
         ids = ids[args.start_token:args.start_token + args.max_tokens]
         if len(ids) < 2:
             raise UsageError(f"{name} has fewer than 2 tokens from --start-token {args.start_token} on")
@@ -537,7 +538,8 @@ def method_slots(method: str, args, ev: Evaluation, num_layers: int) -> list[int
 
 
 def slot_bytes(slots: list[int], geometry, quantization, dtype: str) -> int:
-    """Bytes at rest of the compressed slots of every layer (keys and values, all KV heads) in a ``dtype`` model:
+    """Bytes at rest of the compressed slots (keys and values, all KV heads) in a ``dtype`` model, ``slots`` one M per
+    compressed layer:
     quantized slots count their codes and scales, whatever the model's dtype."""
     import torch
 
@@ -564,6 +566,8 @@ def report(args, ev: Evaluation, totals: dict[str, Totals]) -> None:
     geometry = ModelGeometry.of(ev.model)
     for method, total in totals.items():
         slots = method_slots(method, args, ev, geometry.num_layers)
+        if slots is not None:   # the compressed layers only: a mixed model's sliding-window layers keep their window
+            slots = [slots[i] for i in geometry.compressed_layers]
         spec = method_quantization(method, args, ev)
         m_slots = None if slots is None else round(sum(slots) / len(slots))
         # per-layer slots always come with a label, but LoCoCo's own when the baselines were given none

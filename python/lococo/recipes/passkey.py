@@ -78,7 +78,7 @@ def validate(args) -> None:
     from . import assets
     from .argtypes import UsageError
 
-    path = args.model or assets.model_dir(args.assets_dir)
+    path = assets.resolve_model(args.model, args.assets_dir)
     try:
         prompt_ids(AutoTokenizer.from_pretrained(path), min(args.lengths), 0.0, 99999)
     except ValueError as exc:
@@ -94,8 +94,12 @@ def prompt_ids(tokenizer, length: int, depth: float, key: int) -> list[int]:
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False).input_ids
 
+    from .assets.model import starts_with_bos
+
     intro, needle, question, filler = (encode(INTRO), encode(NEEDLE.format(key=key)), encode(QUESTION),
                                        encode(FILLER))
+    if starts_with_bos(tokenizer):   # a model that reads every text after its BOS token (Gemma)
+        intro = [tokenizer.bos_token_id, *intro]
     room = length - len(intro) - len(needle) - len(question)
     if room < len(filler):
         raise ValueError(f"a passkey prompt of {length} tokens leaves no room for filler")

@@ -71,7 +71,8 @@ def add_model_and_compressor_arguments(parser: argparse.ArgumentParser, *, dtype
     data = parser.add_argument_group("model and data")
     data.add_argument("--output", required=True, help="output folder (also resumes from it)")
     data.add_argument("--model", default=None,
-                      help="a from_pretrained folder (default: the fetched SmolLM2-135M)")
+                      help="a from_pretrained folder, or a fetched model: smollm2-135m (default) or "
+                             "gemma3-270m")
     add_assets_dir(data)
     data.add_argument("--docs", nargs="+", metavar="FILE",
                       help="train on these plain-text files instead of the split's train documents")
@@ -173,11 +174,13 @@ class TokenWindows:
     def __getitem__(self, index: int):
         import torch
 
+        from . import assets
+
         doc, start = self.windows[index % len(self.windows)]
         if doc != self._doc:
             text = self.read(doc)
             self._doc = doc
-            self._ids = self.tokenizer(text, add_special_tokens=False).input_ids
+            self._ids = assets.encode(self.tokenizer, text)
         ids = self._ids[start:start + self.seq_len]
         if len(ids) < self.seq_len:
             raise ValueError(f"{doc} has fewer tokens than recorded; the split does not match "
@@ -197,7 +200,7 @@ def training_documents(args, tokenizer) -> tuple[list[tuple[str, int]], object]:
 
     if args.docs:
         texts = {path: assets.read_text_file(path) for path in args.docs}
-        docs = [(path, len(tokenizer(text, add_special_tokens=False).input_ids))
+        docs = [(path, len(assets.encode(tokenizer, text)))
                 for path, text in texts.items()]
         return docs[:args.max_docs], texts.__getitem__
     split = assets.load_split(args.split_file)
@@ -212,8 +215,13 @@ def training_documents(args, tokenizer) -> tuple[list[tuple[str, int]], object]:
         print(f"lococo train: warning: {len(problems)} of the {len(wanted)} training documents are left out, "
               f"they are not as the split recorded them in the fetched text: {listed}"
               + (" ..." if len(problems) > 3 else ""), file=sys.stderr, flush=True)
-    return ([(doc.id, doc.tokens) for doc in usable],
-            lambda doc_id: assets.read_document(doc_id, args.assets_dir))
+
+    def read(doc_id: str) -> str:
+        return assets.read_document(doc_id, args.assets_dir)
+
+    if getattr(args, "model", None) is None:   # the split counted the default model's tokens
+        return [(doc.id, doc.tokens) for doc in usable], read
+    return [(doc.id, len(assets.encode(tokenizer, read(doc.id)))) for doc in usable], read
 
 
 # ----------------------------------------------------------------------------------------
@@ -227,7 +235,7 @@ def load_llm(args):
 
     from . import assets
 
-    path = args.model or assets.model_dir(args.assets_dir)
+    path = assets.resolve_model(args.model, args.assets_dir)
     config = AutoConfig.from_pretrained(path)
     if args.rope_scaling:
         rope = dict(getattr(config, "rope_parameters", None) or {})

@@ -24,7 +24,7 @@ row run alone without padding.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from ...compressor import LayerCompressor, LoCoCoCompressor
 from ...config import LoCoCoConfig
@@ -300,6 +300,10 @@ class FixedSlotLayer(DynamicLayer):
 class FixedSlotCache(Cache):
     """A transformers ``Cache`` made of fixed-slot layers, one per decoder layer.
 
+    In a model that mixes sliding-window and full-attention layers (Gemma 3), each sliding-window layer keeps
+    transformers' own ``DynamicSlidingWindowLayer`` and only the full-attention layers are fixed-slot layers
+    (``keep_windows``; docs/design.md#sliding-window-layers).
+
     ``lococo.apply_lococo`` tells it, before each forward, which new tokens are padding
     (``set_input_padding``); without that every new token counts as valid.
     """
@@ -310,8 +314,27 @@ class FixedSlotCache(Cache):
             raise ValueError("a fixed-slot cache needs at least one layer")
         super().__init__(layers=layers)
         self.num_kv_heads = num_kv_heads
+        self.windowed_layers: tuple[int, ...] = ()   # the layers left to transformers' window cache
         self._new_valid: tuple[int, torch.Tensor] | None = None   # (tokens fed, valid ones per row)
         self._last_layer: int | None = None   # the layer the latest update stored
+
+    def keep_windows(self, geometry) -> FixedSlotCache:
+        """Gives each sliding-window layer of a mixed model (``geometry.windowed_layers``, a ``ModelGeometry``)
+        transformers' own window cache layer instead of a fixed-slot one; returns the cache.
+
+        ``lococo.build_cache`` and ``LoCoCoCache`` do this for the model they are built for.
+        """
+        if len(geometry.windowed_layers) and geometry.num_layers != len(self.layers):
+            raise ValueError(f"{type(self).__name__} has {len(self.layers)} layers, the model {geometry.num_layers}")
+        for i in geometry.windowed_layers:
+            self.layers[i] = DynamicSlidingWindowLayer(sliding_window=geometry.sliding_window)
+        self.windowed_layers = tuple(geometry.windowed_layers)
+        return self
+
+    @property
+    def fixed_layers(self) -> list[FixedSlotLayer]:
+        """The fixed-slot layers (every layer but the sliding-window layers of a mixed model)."""
+        return [layer for layer in self.layers if isinstance(layer, FixedSlotLayer)]
 
     def check_model(self, model_or_config) -> None:
         """Raises ValueError when the model has another number of decoder layers than this cache."""
@@ -321,6 +344,11 @@ class FixedSlotCache(Cache):
         if theirs.num_layers != len(self.layers):
             raise ValueError(f"{type(self).__name__} has {len(self.layers)} layers, the model "
                              f"({theirs.model_type}) {theirs.num_layers}: build the cache for this model")
+        if tuple(theirs.windowed_layers) != self.windowed_layers:
+            raise ValueError(
+                f"the model ({theirs.model_type}) has sliding-window layers {list(theirs.windowed_layers)}, which keep "
+                f"transformers' window cache, but this {type(self).__name__} has them at {list(self.windowed_layers)}: "
+                "build the cache with lococo.build_cache(kind, model), which knows the model's layer types")
         if self.num_kv_heads is not None and theirs.num_kv_heads != self.num_kv_heads:
             raise ValueError(f"{type(self).__name__} was built for {self.num_kv_heads} KV heads, the model "
                              f"({theirs.model_type}) has {theirs.num_kv_heads}: build the cache for this model")
@@ -360,30 +388,41 @@ class FixedSlotCache(Cache):
     def detach_(self) -> None:
         """Cuts the autograd history of every layer (call between training chunks)."""
         for layer in self.layers:
-            layer.detach_()
+            if isinstance(layer, FixedSlotLayer):
+                layer.detach_()
+            elif getattr(layer, "is_initialized", False):
+                layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
 
     def nbytes(self) -> int:
         """Bytes held by all layers: stored keys and values (``kv_bytes``), scores and row counters."""
-        return sum(layer.nbytes() for layer in self.layers)
+        return sum(layer.nbytes() if isinstance(layer, FixedSlotLayer) else layer_kv_bytes(layer)
+                   for layer in self.layers)
+
+    def compressed_kv_bytes(self) -> int:
+        """Bytes of the keys and values held by the fixed-slot layers alone (``kv_bytes`` counts every layer)."""
+        return sum(layer_kv_bytes(layer) for layer in self.fixed_layers)
 
     @property
     def stored_lengths(self) -> list[int]:
-        return [layer.stored_length for layer in self.layers]
+        """Entries each layer stores (a sliding-window layer: those in its window)."""
+        return [layer.stored_length if isinstance(layer, FixedSlotLayer) else
+                (layer.keys.shape[-2] if getattr(layer, "is_initialized", False) else 0) for layer in self.layers]
 
     @property
     def num_compressions(self) -> int:
         """The most compressions any layer has made (``compressions_per_layer`` has each layer's)."""
-        return max(self.compressions_per_layer)
+        return max(m for m in self.compressions_per_layer if m is not None)
 
     @property
-    def compressions_per_layer(self) -> list[int]:
-        """Compressions each layer has made: with per-layer budgets, layers compress at their own times."""
-        return [layer.num_compressions for layer in self.layers]
+    def compressions_per_layer(self) -> list[int | None]:
+        """Compressions each layer has made (None for a sliding-window layer): with per-layer budgets, layers
+        compress at their own times."""
+        return [layer.num_compressions if isinstance(layer, FixedSlotLayer) else None for layer in self.layers]
 
     @property
-    def num_slots(self) -> list[int]:
-        """M of each layer."""
-        return [layer.num_slots for layer in self.layers]
+    def num_slots(self) -> list[int | None]:
+        """M of each layer (None for a sliding-window layer, which keeps transformers' window)."""
+        return [layer.num_slots if isinstance(layer, FixedSlotLayer) else None for layer in self.layers]
 
 
 class LoCoCoLayer(FixedSlotLayer):
@@ -446,7 +485,10 @@ class LoCoCoCache(FixedSlotCache):
             raise TypeError(f"LoCoCoCache takes a LoCoCoCompressor, got {type(compressor).__name__}")
         needs_scores = compressor.needs_scores()
         config = compressor.config
-        super().__init__([LoCoCoLayer(layer, config.layer(i), needs_scores, quantization)
+        windowed = compressor.geometry.windowed_layers
+        super().__init__([DynamicSlidingWindowLayer(sliding_window=compressor.geometry.sliding_window) if i in windowed
+                          else LoCoCoLayer(layer, config.layer(i), needs_scores, quantization)
                           for i, layer in enumerate(compressor.layers)], compressor.geometry.num_kv_heads)
+        self.windowed_layers = tuple(windowed)
         self.compressor = compressor
         self.config = compressor.config

