@@ -58,8 +58,9 @@ def cache_kw(model, cache) -> dict:
     return {lococo.hf.cache_kwarg(model): cache}
 
 
-def save_byte_level_model(folder, seed: int = 0) -> None:
-    """A tiny Llama (GQA) with a byte-level tokenizer saved like a real checkpoint, for the command line."""
+def save_byte_level_model(folder, seed: int = 0, arch: str = "llama", **overrides) -> None:
+    """A tiny Llama (GQA; or ``arch`` with config ``overrides``) with a byte-level tokenizer saved like a real
+    checkpoint, for the command line."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -68,15 +69,15 @@ def save_byte_level_model(folder, seed: int = 0) -> None:
     backend.decoder = decoders.ByteLevel()
     transformers.PreTrainedTokenizerFast(tokenizer_object=backend).save_pretrained(folder)
     torch.manual_seed(seed)
-    config = tiny_config("llama", vocab_size=len(alphabet), pad_token_id=None)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    config = tiny_config(arch, vocab_size=len(alphabet), pad_token_id=None, **overrides)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
 
 
-def save_model_and_document(root, seed: int, words: int) -> str:
+def save_model_and_document(root, seed: int, words: int, arch: str = "llama", **overrides) -> str:
     """``save_byte_level_model`` into root/model and a document of ``words`` random words; the document's path."""
     import random
 
-    save_byte_level_model(root / "model", seed=seed)
+    save_byte_level_model(root / "model", seed=seed, arch=arch, **overrides)
     rng = random.Random(seed + 1)
     doc = root / "doc.txt"
     doc.write_text(" ".join("".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 6))) for _ in range(words)))

@@ -185,3 +185,45 @@ def test_a_compressor_of_a_mixed_model_saves_only_its_full_layers_and_fits_only_
     other = gemma3("sdpa", seed=77, layer_types=["sliding_attention"] * 2 + ["full_attention"] * 3)
     with pytest.raises(ValueError, match=r"sliding-window layers \[0, 1, 3\] vs \[0, 1\]"):
         lococo.LoCoCoCompressor.from_pretrained(tmp_path / "c", model=other)
+
+
+def test_calibrate_distill_and_eval_work_on_the_compressed_layers_of_a_mixed_model(tmp_path, capsys):
+    """Qwen3 with layers 2 and 3 windowed, through the command line."""
+    import csv
+
+    from lococo.budgets import Budgets
+    from lococo.recipes import cli
+
+    from hf_models import save_model_and_document
+
+    doc = save_model_and_document(tmp_path, seed=80, words=80, arch="qwen3", num_hidden_layers=4,
+                                  use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2)
+    model = str(tmp_path / "model")
+    assert cli.main(["calibrate", "--model", model, "--docs", doc, "--max-tokens", "160", "--grid", "8,12,16,24",
+                     "--mean", "12", "--floor", "8", "--num-local", "2", "--beta", "2", "-B", "8",
+                     "--output", str(tmp_path / "cal")]) == 0
+    budgets = Budgets.load(tmp_path / "cal" / "budgets-m12.json")
+    curves = budgets.details["errors"]
+    assert curves[2] is None and curves[3] is None and all(len(c) == 4 for c in curves[:2])
+    assert sum(budgets.num_slots[:2]) == 24 and budgets.num_slots[2:] == (12, 12)   # windowed: the mean, unused
+    assert budgets.model["windowed_layers"] == [2, 3]
+    assert "Layers [2, 3] are sliding-window layers" in (tmp_path / "cal" / "calibrate.md").read_text()
+
+    assert cli.main(["distill", "--output", str(tmp_path / "run"), "--model", model, "--docs", doc,
+                     "--budgets", str(tmp_path / "cal" / "budgets-m12.json"), "-B", "4", "--beta", "2",
+                     "--kernel-size", "3", "--num-local", "2", "--seq-len", "64", "--sequences", "1",
+                     "--compare-every", "1", "--no-progress"]) == 0
+    trained = lococo.LoCoCoCompressor.from_pretrained(tmp_path / "run")
+    assert [type(layer).__name__ for layer in trained.layers] == ["LayerCompressor"] * 2 + ["WindowedLayer"] * 2
+
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", model, "--docs", doc, "--compressor", str(tmp_path / "run"),
+                     "--methods", "lococo,h2o,full", "--max-tokens", "96", "--buckets", "0,32,96", "-B", "8",
+                     "--beta", "2", "--num-local", "2", "--bootstrap", "0", "--no-progress",
+                     "--output", str(tmp_path / "eval")]) == 0
+    with open(tmp_path / "eval" / "methods.csv") as handle:
+        rows = {row["method"]: row for row in csv.DictReader(handle)}
+    slots = budgets.num_slots[:2]
+    assert rows["h2o"]["slots_per_layer"] == rows["lococo"]["slots_per_layer"] == " ".join(map(str, slots))
+    assert int(rows["h2o"]["slot_kv_bytes"]) == sum(slots) * 2 * 16 * 2 * 4   # 2 KV heads, head_dim 16, K and V
+    assert int(rows["full"]["peak_kv_bytes"]) > int(rows["h2o"]["peak_kv_bytes"])
