@@ -416,3 +416,8 @@ def test_model_names_resolve_to_their_folders_and_bos_follows_the_tokenizer(cach
 
     assert assets.encode(Tokenizer(True), "ab") == [2, 97, 98]
     assert assets.encode(Tokenizer(False), "ab") == [97, 98]
+    # a passkey prompt too starts with BOS for such a model, and has the asked length either way
+    from lococo.recipes.passkey import prompt_ids
+
+    with_bos, without = prompt_ids(Tokenizer(True), 600, 0.5, 12345), prompt_ids(Tokenizer(False), 600, 0.5, 12345)
+    assert with_bos[0] == 2 and without[0] != 2 and len(with_bos) == len(without) == 600
