@@ -89,8 +89,10 @@ def shipped(folder: Path | None = None) -> dict[str, dict]:
         try:
             meta = json.loads((folder / name / CONFIG_FILE).read_text())
             config, model = meta["config"], meta["model"]
+            windowed = len(model.get("windowed_layers", []))
+            compressed = f" ({model['num_layers'] - windowed} compressed)" if windowed else ""
             compressors[name] = (f"M = {config['num_slots']}, B = {config['chunk_size']}, for {model['model_type']} "
-                                 f"with {model['num_layers']} layers")
+                                 f"with {model['num_layers']} layers{compressed}")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             compressors[name] = f"unreadable ({exc})"
     budgets = {}
