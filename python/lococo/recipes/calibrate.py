@@ -350,9 +350,9 @@ def main(args) -> int:
         geometry = ModelGeometry.of(model)
         errors = measure_curves(args, model, docs)
     compressed = geometry.compressed_layers
-    if [i for i, curve in enumerate(errors) if curve is not None] != compressed:
-        raise UsageError(f"the curves cover layers {[i for i, c in enumerate(errors) if c is not None]}, the model "
-                         f"compresses {compressed}")
+    measured = [i for i, curve in enumerate(errors) if curve is not None]
+    if measured != compressed:
+        raise UsageError(f"the curves cover layers {measured}, the model compresses {compressed}")
     allocations = {}
     for mean in args.mean:
         try:

@@ -252,12 +252,9 @@ def check_device(name: str) -> None:
 
 def stored_entries(cache) -> int:
     """Entries stored per layer, on average over the layers (with per-layer budgets they differ)."""
-    def stored(layer) -> int:
-        if hasattr(layer, "stored_length"):   # fixed-slot layers: quantized slots and appended entries
-            return layer.stored_length
-        keys = getattr(layer, "keys", None)
-        return 0 if keys is None or not getattr(layer, "is_initialized", True) else keys.shape[-2]
-    return round(sum(stored(layer) for layer in cache.layers) / len(cache.layers))
+    from ..hf.caches.fixed_slot import layer_stored_length
+
+    return round(sum(layer_stored_length(layer) for layer in cache.layers) / len(cache.layers))
 
 
 def token_losses(model, ids, cache, chunk_size: int) -> tuple[list[float], int, int]:

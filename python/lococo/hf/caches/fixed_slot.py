@@ -47,6 +47,15 @@ def layer_kv_bytes(layer) -> int:
     return tensor_bytes(getattr(layer, "keys", None), getattr(layer, "values", None))
 
 
+def layer_stored_length(layer) -> int:
+    """Entries one layer of a transformers cache of any kind stores (a fixed-slot layer: slots and appended
+    entries; a window layer: those in its window)."""
+    if isinstance(layer, FixedSlotLayer):
+        return layer.stored_length
+    keys = getattr(layer, "keys", None)
+    return 0 if keys is None or not getattr(layer, "is_initialized", True) else keys.shape[-2]
+
+
 def kv_bytes(cache) -> int:
     """Bytes of the keys and values stored by every layer of a transformers cache of any kind."""
     return sum(layer_kv_bytes(layer) for layer in cache.layers)
@@ -405,8 +414,7 @@ class FixedSlotCache(Cache):
     @property
     def stored_lengths(self) -> list[int]:
         """Entries each layer stores (a sliding-window layer: those in its window)."""
-        return [layer.stored_length if isinstance(layer, FixedSlotLayer) else
-                (layer.keys.shape[-2] if getattr(layer, "is_initialized", False) else 0) for layer in self.layers]
+        return [layer_stored_length(layer) for layer in self.layers]
 
     @property
     def num_compressions(self) -> int:
