@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the sdist and one wheel per variant from it, repairs each wheel with auditwheel (torch
 # and CUDA libraries excluded: they come from the torch wheel), then installs each into a fresh
-# venv and smoke-tests it there (`python -m lococo.info` and the op against the reference).
+# venv and smoke-tests it there (`python -m lococo.info`, the op against the reference, the error
+# that names the [train] extra, and `lococo demo` from `pip install "<wheel>[train]"`).
 #
 #   scripts/build_wheels.sh [VARIANT ...]     variants from cuda_matrix.json; default: all of them
 #
@@ -130,6 +131,32 @@ for got, want in zip(torch.ops.lococo.fuse_kv(*args), reference.fuse_kv(*args)):
 print(f"smoke test passed: lococo {lococo.__version__} with torch {torch.__version__}")
 PY
   )
+
+  # 5. The README's Install section as written: without the [train] extra the demo's error names it;
+  # in a second venv with the same torch, `pip install "<wheel>[train]"` keeps that torch and
+  # `lococo demo` runs (on the fetched assets: `make demo` fetches them; skipped, saying so, without).
+  if (cd "$WORK" && "$smoke/bin/lococo" demo) > "$WORK/$variant-demo-without-extra.log" 2>&1; then
+    echo "lococo demo ran without the [train] extra installed" >&2
+    exit 1
+  fi
+  grep -q "\[train\]" "$WORK/$variant-demo-without-extra.log" \
+    || { cat "$WORK/$variant-demo-without-extra.log"; echo "the demo's error does not name the [train] extra" >&2; exit 1; }
+  log "without the extra: $(grep -m1 "\[train\]" "$WORK/$variant-demo-without-extra.log")"
+  train=$WORK/smoke-$variant-train
+  venv_with_torch "$train" "$torch_version"
+  "$train/bin/python" -m pip uninstall -q -y lococo 2>/dev/null || true
+  "$train/bin/python" -m pip install -q --disable-pip-version-check "$wheel[train]"
+  torch_after=$("$train/bin/python" -c "import torch; print(torch.__version__)")
+  if [ "$torch_before" != "$torch_after" ]; then
+    echo "installing $(basename "$wheel")[train] replaced torch $torch_before with $torch_after" >&2
+    exit 1
+  fi
+  if "$train/bin/lococo" assets status > /dev/null 2>&1; then
+    (cd "$WORK" && "$train/bin/lococo" demo)
+    log "lococo demo ran from $(basename "$wheel")[train]"
+  else
+    log "lococo demo from $(basename "$wheel")[train] skipped: the assets are not fetched (make demo fetches them)"
+  fi
 done
 log "done:"
 ls -1 "$DIST"

@@ -9,9 +9,13 @@ every M of --grid, and the layer's error at that M is the mean over the document
 
 (chunks before the first compression lose nothing and count 0); with --error residual the
 denominator is the squared norm of the residual stream entering the layer instead, so that a layer
-whose attention adds little to the stream counts for little. A total of --mean x layers slots is
-then spent by marginal gain: every layer starts at --floor, and each slot goes to the layer whose
-measured error curve (its convex envelope, linear between grid points) it lowers most.
+whose attention adds little to the stream counts for little; with --error loss a chunk's error is
+sum_t (g_t . (O_t - O_full,t) W_o^T)^2, g the gradient of the document's summed NLL with respect to
+the layer's attention output (one extra forward and backward of the full cache per document): an
+estimate of what the layer's error costs the loss (empirical Fisher), in the same units for every
+layer. A total of --mean x layers slots is then spent by marginal gain: every layer starts at
+--floor, and each slot goes to the layer whose measured error curve (its convex envelope, linear
+between grid points) it lowers most.
 
 With --kv-bits 8 or 4 the replayed caches store their slots quantized (docs/design.md#quantized-slots), so
 that the curves include the rounding. With --curves FILE nothing is measured: the curves (and the settings
@@ -44,6 +48,13 @@ from .argtypes import (
 )
 
 CALIBRATED_METHODS = ("h2o", "tova", "streaming")
+ERRORS = ("relative", "residual", "loss")
+ERROR_WORDS = {
+    "relative": "the relative error of its attention output after the output projection",
+    "residual": "the error of its attention output after the output projection, relative to the residual stream",
+    "loss": "sum_t (g_t . error_t)^2, the error of its attention output after the output projection weighted by the "
+            "loss's gradient: an estimate of the loss increase (empirical Fisher)",
+}
 DEFAULT_GRID = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
 
@@ -77,9 +88,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"the M at which every layer is measured (default {','.join(map(str, DEFAULT_GRID))})")
     parser.add_argument("--mean", type=int_list, default=[64, 128, 256],
                         help="average slots per layer of the budgets to write, one file each (default 64,128,256)")
-    parser.add_argument("--error", default="relative", choices=["relative", "residual"],
-                        help="each chunk's error relative to the full attention output (default) or to the residual "
-                             "stream entering the layer")
+    parser.add_argument("--error", default="relative", choices=ERRORS,
+                        help="each chunk's error relative to the full attention output (default), relative to the "
+                             "residual stream entering the layer, or weighted by the loss's gradient (loss: an "
+                             "estimate of the loss increase)")
     parser.add_argument("--floor", type=positive_int, default=32,
                         help="fewest slots any layer gets (default 32: LoCoCo's H = M/2 must hold --num-local 16)")
     parser.add_argument("--step", type=positive_int, default=4, help="slots given at a time (default 4)")
@@ -195,7 +207,7 @@ def measure_curves(args, model, docs) -> list[list[float] | None]:
     import torch
     from tqdm.auto import tqdm
 
-    from .replay import CAPTURE, register_capture, replay, teacher_records
+    from .replay import CAPTURE, attention_output_gradients, register_capture, replay, teacher_records
 
     register_capture()
     original = model.config._attn_implementation
@@ -216,7 +228,13 @@ def measure_curves(args, model, docs) -> list[list[float] | None]:
     bar = tqdm(total=len(docs) * len(compressed), desc="lococo calibrate", unit="layer")
     try:
         for _, ids in docs:
-            records = teacher_records(model, torch.tensor([ids], device=next(model.parameters()).device))
+            ids = torch.tensor([ids], device=next(model.parameters()).device)
+            gradients = {}
+            if getattr(args, "error", "relative") == "loss":
+                model.set_attn_implementation(original)
+                gradients = attention_output_gradients(model, ids)
+                model.set_attn_implementation(CAPTURE)
+            records = teacher_records(model, ids)
             for index, decoder_layer in enumerate(decoder_layers):
                 if index not in compressed:
                     records[index] = None
@@ -225,9 +243,10 @@ def measure_curves(args, model, docs) -> list[list[float] | None]:
                 with torch.no_grad():
                     for j, num_slots in enumerate(args.grid):
                         layer = cache_layer(args.method, num_slots, args)
-                        result = replay(layer, records[index], attn, args.chunk_size, scale=residual.get(index))
+                        result = replay(layer, records[index], attn, args.chunk_size, scale=residual.get(index),
+                                        gradient=gradients.get(index))
                         sums[index][j] += result.per_chunk
-                records[index] = None
+                records[index] = gradients[index] = None
                 bar.update(1)
     finally:
         bar.close()
@@ -268,8 +287,8 @@ def write_outputs(args, errors, allocations: dict[int, list[int]], docs, geometr
              f"({details['num_local']} recent, beta {args.beta}, chunks of {args.chunk_size}) on {len(docs)} "
              f"document(s) of {args.max_tokens} tokens ({', '.join(d for d, _ in docs)}), floor {args.floor}, "
              f"{seconds:.0f} s.", "",
-             "Each layer's error (mean over chunks of the relative error of its attention output after the output "
-             "projection) at each M, and the M it gets at each mean:", "",
+             f"Each layer's error (mean over chunks of {ERROR_WORDS[args.error]}) at each M, and the M it gets at "
+             "each mean:", "",
              "| layer | " + " | ".join(f"M={m}" for m in args.grid) + " | "
              + " | ".join(f"mean {m}" for m in means) + " |",
              "|---:|" + "---:|" * (len(args.grid) + len(means))]

@@ -6,7 +6,10 @@ then replays the layer chunk by chunk, as at inference, and the error of each ch
 
     || (O - O_full) W_o^T ||^2 / || O_full W_o^T ||^2
 
-(O: the chunk's attention outputs, W_o: the layer's output projection). ``lococo distill`` trains on it,
+(O: the chunk's attention outputs, W_o: the layer's output projection), or, given the gradient g of the
+document's loss with respect to the layer's attention output (``attention_output_gradients``), the
+estimate sum_t (g_t . (O_t - O_full,t) W_o^T)^2 of what the error costs the loss (empirical Fisher,
+in loss units, so that layers compare by what they do to the model's predictions). ``lococo distill`` trains on it,
 ``lococo calibrate`` measures it at several M per layer, ``benchmarks/layer_error.py`` compares caches
 with it. Inputs of every layer are the full cache's, so errors do not compound as in a real run.
 """
@@ -51,6 +54,52 @@ def teacher_records(model, ids):
     return records
 
 
+def attention_output_gradients(model, ids, block_size: int = 1024) -> dict:
+    """{layer: g [b, T, hidden] float32}, g the gradient of the summed next-token NLL of ``ids`` [b, T] with respect to
+    the layer's attention output (the self-attention module's output, after the output projection), from one
+    full-cache forward and backward. The logits are computed ``block_size`` positions at a time and recomputed in
+    the backward pass, so that a large vocabulary never holds [T, vocab] logits with their gradients."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    outputs: dict[int, torch.Tensor] = {}
+
+    def keep(index, module, args, output):
+        out = output[0] if isinstance(output, tuple) else output
+        out.retain_grad()
+        outputs[index] = out
+
+    hooks = [layer.self_attn.register_forward_hook(lambda m, a, o, i=i: keep(i, m, a, o))
+             for i, layer in enumerate(model.model.layers)]
+    head, cap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
+
+    def block_nll(hidden, targets):
+        logits = head(hidden).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for parameter, _ in frozen:
+        parameter.requires_grad_(False)   # the activations' gradients only
+    try:
+        with torch.enable_grad():
+            embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+            hidden = model.model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+            total = ids.shape[1] - 1
+            loss = sum(checkpoint(block_nll, hidden[:, start:min(total, start + block_size)],
+                                  ids[:, start + 1:min(total, start + block_size) + 1], use_reentrant=False)
+                       for start in range(0, total, block_size))
+            loss.backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for parameter, flag in frozen:
+            parameter.requires_grad_(flag)
+    return {index: out.grad.detach().float() for index, out in outputs.items()}
+
+
 @dataclass
 class ReplayError:
     """The summed error of the chunks a replay compressed, how many they were, and all its chunks."""
@@ -66,7 +115,7 @@ class ReplayError:
 
 
 def replay(layer, record, attention_module, chunk_size: int, *, lookahead: bool = False, step_every: int = 0,
-           on_update=None, scale=None) -> ReplayError:
+           on_update=None, scale=None, gradient=None) -> ReplayError:
     """``layer`` (a fresh fixed-slot cache layer) over one recorded layer, chunk by chunk, as at inference.
 
     The attention is ``biased_attention`` (which the scored attention functions use too), so that
@@ -76,7 +125,8 @@ def replay(layer, record, attention_module, chunk_size: int, *, lookahead: bool 
     compresses with the scores that the coming chunk's own queries give the stored entries instead of
     the previous chunk's: an oracle no cache can run, the best a one-chunk selection can do.
     ``scale`` [b, T] (a squared norm per token, e.g. of the residual stream) replaces the reference's
-    squared norm in each chunk's denominator.
+    squared norm in each chunk's denominator. ``gradient`` [b, T, hidden] (``attention_output_gradients``) makes
+    each chunk's error the loss estimate sum_t (g_t . error_t)^2 instead of a relative error.
     """
     import torch
 
@@ -112,8 +162,11 @@ def replay(layer, record, attention_module, chunk_size: int, *, lookahead: bool 
             if layer.num_compressions:
                 reference = target[:, start:stop] @ w_o.T
                 out = out.reshape(b, stop - start, heads * d) @ w_o.T
-                norm = reference.pow(2).sum() if scale is None else scale[:, start:stop].sum()
-                error = (out - reference).pow(2).sum() / norm.clamp_min(1e-12)
+                if gradient is not None:
+                    error = ((out - reference) * gradient[:, start:stop]).sum(-1).pow(2).sum()
+                else:
+                    norm = reference.pow(2).sum() if scale is None else scale[:, start:stop].sum()
+                    error = (out - reference).pow(2).sum() / norm.clamp_min(1e-12)
                 if train and error.requires_grad:
                     error.backward()
                     pending += 1
