@@ -116,3 +116,23 @@ def test_calibrate_with_the_loss_error_through_the_command_line(tmp_path, capsys
     assert len(curves) == 2 and all(min(curve) > 0 for curve in curves)   # a random model's curves need not fall
     assert list(budgets.num_slots) == allocate(budgets.details["grid"], curves, 24, 8, step=4)
     assert "weighted by the loss's gradient" in (out / "calibrate.md").read_text()
+    # reallocating from those curves keeps what they were measured with: the error, its name, the time
+    again = tmp_path / "again"
+    assert cli.main(["calibrate", "--curves", str(out / "budgets-m12.json"), "--model", str(tmp_path / "model"),
+                     "--mean", "12", "--floor", "8", "--name", "tiny", "--output", str(again)]) == 0
+    realloc = Budgets.load(again / "budgets-m12.json")
+    assert realloc.num_slots == budgets.num_slots and realloc.details["error"] == "loss"
+    assert realloc.details["name"] == "tiny-h2o-loss-m12"
+    assert realloc.details["seconds"] == budgets.details["seconds"]
+
+
+def test_eval_labels_loss_calibrated_budgets(tmp_path):
+    from lococo.budgets import Budgets
+    from lococo.recipes.methods import resolve_budgets
+
+    loss = Budgets((12, 20), source="calibrated", details={"error": "loss"}).save(tmp_path / "loss.json")
+    relative = Budgets((12, 20), source="calibrated", details={"error": "relative"}).save(tmp_path / "rel.json")
+    older = Budgets((12, 20), source="calibrated").save(tmp_path / "old.json")   # files from before --error
+    assert resolve_budgets(str(loss), 2, 16, floor=4) == ([12, 20], "loss-calibrated")
+    assert resolve_budgets(str(relative), 2, 16, floor=4) == ([12, 20], "calibrated")
+    assert resolve_budgets(str(older), 2, 16, floor=4) == ([12, 20], "calibrated")

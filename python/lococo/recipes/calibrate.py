@@ -157,6 +157,7 @@ def take_curves(args) -> None:
             setattr(args, arg, details[key])
     args.kv_bits, args.kv_storage_label = None, details.get("kv_storage")
     args.curve_errors, args.docs_measured = details["errors"], details.get("documents", [])
+    args.measured_seconds = details.get("seconds")   # the measurement's time, not the reallocation's
 
 
 def calibration_documents(args, tokenizer) -> list[tuple[str, list[int]]]:
@@ -273,12 +274,13 @@ def write_outputs(args, errors, allocations: dict[int, list[int]], docs, geometr
         "allocation": args.allocation, "kv_storage": storage_label(args),
         "documents": [doc for doc, _ in docs], "tokens_per_document": args.max_tokens, "dtype": args.dtype,
         "grid": args.grid, "errors": [None if curve is None else [round(e, 6) for e in curve] for curve in errors],
-        "seconds": round(seconds, 1),
+        "seconds": round(getattr(args, "measured_seconds", None) or seconds, 1),
     }
     files = []
     for mean, slots in allocations.items():
         budgets = Budgets(tuple(slots), source="calibrated", model=geometry.to_dict(),
-                          details={**details, "name": f"{name}-{args.method}{storage_suffix(args)}-m{mean}",
+                          details={**details, "name": f"{name}-{args.method}{error_suffix(args)}{storage_suffix(args)}"
+                                                            f"-m{mean}",
                                    "mean_slots": mean})
         files.append(budgets.save(out / f"budgets-m{mean}.json"))
 
@@ -286,7 +288,7 @@ def write_outputs(args, errors, allocations: dict[int, list[int]], docs, geometr
     lines = [f"Per-layer budgets of {name}, calibrated with {args.method} "
              f"({details['num_local']} recent, beta {args.beta}, chunks of {args.chunk_size}) on {len(docs)} "
              f"document(s) of {args.max_tokens} tokens ({', '.join(d for d, _ in docs)}), floor {args.floor}, "
-             f"{seconds:.0f} s.", "",
+             f"{details['seconds']:.0f} s.", "",
              f"Each layer's error (mean over chunks of {ERROR_WORDS[args.error]}) at each M, and the M it gets at "
              "each mean:", "",
              "| layer | " + " | ".join(f"M={m}" for m in args.grid) + " | "
@@ -312,6 +314,12 @@ def storage_label(args) -> str | None:
     """The slots' storage the curves were measured with (None: the model's dtype)."""
     quantization = getattr(args, "quantization", None)
     return quantization.label() if quantization else getattr(args, "kv_storage_label", None)
+
+
+def error_suffix(args) -> str:
+    """"-loss" or "-residual" in a budget's name; nothing for the relative error, the first one."""
+    error = getattr(args, "error", None) or "relative"
+    return "" if error == "relative" else f"-{error}"
 
 
 def storage_suffix(args) -> str:

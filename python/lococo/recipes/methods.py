@@ -59,4 +59,6 @@ def resolve_budgets(spec: str | None, num_layers: int, mean: int, floor: int) ->
         return pyramid_slots(num_layers, mean, floor=floor), "PyramidKV"
     budgets = Budgets.load(spec)
     budgets.check_layers(num_layers, f"--budgets {spec}")
-    return list(budgets.num_slots), budgets.source
+    error = (budgets.details or {}).get("error", "relative")   # calibrate --error: "loss-calibrated", ...
+    label = budgets.source if error == "relative" or budgets.source != "calibrated" else f"{error}-calibrated"
+    return list(budgets.num_slots), label
