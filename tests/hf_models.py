@@ -82,3 +82,20 @@ def save_model_and_document(root, seed: int, words: int, arch: str = "llama", **
     doc = root / "doc.txt"
     doc.write_text(" ".join("".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 6))) for _ in range(words)))
     return str(doc)
+
+
+def spy_attention_outputs(monkeypatch) -> list:
+    """Every attention output that ``lococo.hf.attention.biased_attention`` computes from now on (detached copies),
+    appended to the list returned, as the replay and the cache layers compute them."""
+    from lococo.hf import attention
+
+    outputs = []
+    biased = attention.biased_attention
+
+    def spy(*args, **kwargs):
+        result = biased(*args, **kwargs)
+        outputs.append(result[0].detach().clone())
+        return result
+
+    monkeypatch.setattr(attention, "biased_attention", spy)
+    return outputs

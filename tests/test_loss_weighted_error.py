@@ -12,11 +12,10 @@ import pytest
 import torch
 from test_sliding_layers import gemma3
 
-from lococo.hf import attention
 from lococo.recipes import calibrate
 from lococo.recipes.replay import CAPTURE, attention_output_gradients, register_capture, replay, teacher_records
 
-from hf_models import random_ids, tiny_model
+from hf_models import random_ids, spy_attention_outputs, tiny_model
 
 
 def _model_loss(model, ids) -> float:
@@ -76,15 +75,7 @@ def test_replay_weights_each_tokens_error_by_the_gradient(monkeypatch):
     w_o = attn.o_proj.weight.detach()
     reference = target.reshape(b, total, heads * d) @ w_o.T
 
-    outputs = []
-    biased = attention.biased_attention
-
-    def spy(*args, **kwargs):
-        result = biased(*args, **kwargs)
-        outputs.append(result[0].detach().clone())
-        return result
-
-    monkeypatch.setattr(attention, "biased_attention", spy)
+    outputs = spy_attention_outputs(monkeypatch)
     args = type("Args", (), {"beta": 2, "num_local": 2})()
     with torch.no_grad():
         result = replay(calibrate.cache_layer("h2o", 12, args), records[index], attn, chunk, gradient=grads[index])

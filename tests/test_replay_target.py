@@ -11,10 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lococo.hf import attention
 from lococo.recipes import distill
 
-from hf_models import random_ids, tiny_compressor, tiny_model
+from hf_models import random_ids, spy_attention_outputs, tiny_compressor, tiny_model
 
 LENGTH, CHUNK = 48, 5
 
@@ -50,15 +49,7 @@ def test_replay_error_is_relative_to_the_layers_own_attention_output(monkeypatch
     b, heads, total, d = query.shape
     torch.testing.assert_close(recorded.reshape(b, total, heads * d) @ w_o.T, want, rtol=1e-4, atol=1e-5)
 
-    outputs = []   # every chunk's attention output of the replayed cache, as the replay computes it
-    biased = attention.biased_attention
-
-    def spy(*args, **kwargs):
-        result = biased(*args, **kwargs)
-        outputs.append(result[0].detach().clone())
-        return result
-
-    monkeypatch.setattr(attention, "biased_attention", spy)
+    outputs = spy_attention_outputs(monkeypatch)   # every chunk's attention output, as the replay computes it
     compressor = tiny_compressor(model, seed=92, chunk_size=CHUNK, slot_bias=True, alpha_init=0.3)
     error_sum, compressed = distill.replay_layer(compressor.layers[index], compressor.config, records[index], attn,
                                                  alpha=alpha)
